@@ -1,0 +1,163 @@
+"""Make basicsr 1.4.2 work on current torch / torchvision and on machines without CUDA.
+
+Every fix here is for a known breakage of basicsr 1.4.2 (see ``shared/REFERENCE.md`` section 6);
+``patch_basicsr()`` applies them once and must run before the first ``import basicsr``:
+
+* torchvision >= 0.17 removed ``torchvision.transforms.functional_tensor``, which
+  ``basicsr.data.degradations`` still imports: alias it to ``torchvision.transforms.functional``.
+* ``basicsr.utils.dist_util.init_dist`` hard-codes NCCL and ``torch.cuda.set_device``: use NCCL only
+  where CUDA is available, gloo otherwise.
+* ``basicsr.train.load_resume_state`` calls ``torch.cuda.current_device()`` and unpickles the
+  state with code execution allowed: map to CPU (or the current GPU) and load with
+  ``weights_only=True``.
+* ``BaseModel.model_to_device`` passes CUDA device ids to DistributedDataParallel: pass none on CPU.
+"""
+import os
+import os.path as osp
+import sys
+
+_PATCHED = False
+
+
+def _alias_functional_tensor():
+    if 'torchvision.transforms.functional_tensor' in sys.modules:
+        return
+    try:
+        import torchvision.transforms.functional_tensor  # noqa: F401  (old torchvision)
+    except ImportError:
+        import torchvision.transforms.functional as functional
+        sys.modules['torchvision.transforms.functional_tensor'] = functional
+
+
+def dist_backend():
+    """Return the torch.distributed backend fmpsr uses: ``'nccl'`` with CUDA, ``'gloo'`` without."""
+    import torch
+    return 'nccl' if torch.cuda.is_available() else 'gloo'
+
+
+def init_dist(launcher, backend=None, **kwargs):
+    """Initialise torch.distributed for ``--launcher pytorch`` or ``--launcher slurm``.
+
+    Replacement for ``basicsr.utils.dist_util.init_dist`` that works without CUDA.
+
+    Args:
+        launcher (str): ``'pytorch'`` (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+            or ``'slurm'`` (SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST are read).
+        backend (str | None): ``'nccl'`` or ``'gloo'``; None picks :func:`dist_backend`.
+        **kwargs: ``port`` for slurm; anything else goes to ``init_process_group``.
+
+    Raises:
+        ValueError: unknown launcher, or NCCL asked for on a machine without CUDA.
+        KeyError: a variable the launcher must set is missing (its name is in the message).
+    """
+    import subprocess
+
+    import torch
+    import torch.distributed as dist
+
+    backend = backend or dist_backend()
+    if backend == 'nccl' and not torch.cuda.is_available():
+        raise ValueError("dist backend 'nccl' needs CUDA; this machine has none: use backend 'gloo'")
+    if launcher == 'pytorch':
+        for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+            if key not in os.environ:
+                raise KeyError(f'--launcher pytorch needs the environment variable {key} (start with torchrun)')
+        rank = int(os.environ['RANK'])
+    elif launcher == 'slurm':
+        port = kwargs.pop('port', None)
+        rank = int(os.environ['SLURM_PROCID'])
+        ntasks = int(os.environ['SLURM_NTASKS'])
+        node_list = os.environ['SLURM_NODELIST']
+        addr = subprocess.getoutput(f'scontrol show hostname {node_list} | head -n1')
+        if port is not None:
+            os.environ['MASTER_PORT'] = str(port)
+        elif 'MASTER_PORT' not in os.environ:
+            os.environ['MASTER_PORT'] = '29500'
+        os.environ.setdefault('MASTER_ADDR', addr)
+        os.environ['WORLD_SIZE'] = str(ntasks)
+        os.environ['LOCAL_RANK'] = str(rank % max(torch.cuda.device_count(), 1))
+        os.environ['RANK'] = str(rank)
+    else:
+        raise ValueError(f'Invalid launcher type: {launcher!r} (expected pytorch or slurm)')
+    if backend == 'nccl':
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, **kwargs)
+
+
+def resume_map_location():
+    """``map_location`` for checkpoints: the current GPU with CUDA, otherwise the CPU."""
+    import torch
+    if torch.cuda.is_available():
+        device_id = torch.cuda.current_device()
+        return lambda storage, loc: storage.cuda(device_id)
+    return 'cpu'
+
+
+def load_resume_state(opt):
+    """Find and load the training state to resume from (replaces basicsr's version).
+
+    With ``opt['auto_resume']`` the newest ``<experiments_root>/training_states/<iter>.state`` is
+    used; otherwise ``opt['path']['resume_state']`` if set. Loading never executes code from the
+    file (``weights_only=True``).
+
+    Returns:
+        dict | None: the state, or None when there is nothing to resume.
+
+    Raises:
+        FileNotFoundError: ``path.resume_state`` names a file that does not exist.
+    """
+    import torch
+    from basicsr.utils import check_resume, scandir
+
+    resume_state_path = None
+    if opt['auto_resume']:
+        state_path = osp.join(opt['path'].get('experiments_root') or osp.join('experiments', opt['name']),
+                              'training_states')
+        if osp.isdir(state_path):
+            states = list(scandir(state_path, suffix='state', recursive=False, full_path=False))
+            states = [int(v.split('.state')[0]) for v in states if v.split('.state')[0].isdigit()]
+            if states:
+                resume_state_path = osp.join(state_path, f'{max(states)}.state')
+                opt['path']['resume_state'] = resume_state_path
+    elif opt['path'].get('resume_state'):
+        resume_state_path = opt['path']['resume_state']
+    if resume_state_path is None:
+        return None
+    if not osp.isfile(resume_state_path):
+        raise FileNotFoundError(f'path.resume_state: no such file {resume_state_path!r}')
+    resume_state = torch.load(resume_state_path, map_location=resume_map_location(), weights_only=True)
+    check_resume(opt, resume_state['iter'])
+    return resume_state
+
+
+def model_to_device(self, net):
+    """``BaseModel.model_to_device`` that wraps DDP with device ids only on CUDA."""
+    import torch
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    net = net.to(self.device)
+    if self.opt['dist']:
+        find_unused_parameters = self.opt.get('find_unused_parameters', False)
+        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+        net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+    elif self.opt['num_gpu'] > 1:
+        net = DataParallel(net)
+    return net
+
+
+def patch_basicsr():
+    """Apply every fix listed in the module docstring (idempotent)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    _alias_functional_tensor()
+    import basicsr.train
+    import basicsr.utils.dist_util
+    import basicsr.utils.options
+    from basicsr.models.base_model import BaseModel
+
+    basicsr.utils.dist_util.init_dist = init_dist
+    basicsr.utils.options.init_dist = init_dist
+    basicsr.train.load_resume_state = load_resume_state
+    BaseModel.model_to_device = model_to_device
+    _PATCHED = True

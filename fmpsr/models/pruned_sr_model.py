@@ -1,0 +1,223 @@
+"""SR model for a compact (pruned) network whose pruned weights must stay exactly zero."""
+import copy
+import json
+import os
+from collections import OrderedDict
+
+import torch
+
+from basicsr.archs import build_network
+from basicsr.losses import build_loss
+from basicsr.models.base_model import BaseModel
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger
+from basicsr.utils.dist_util import master_only
+from basicsr.utils.registry import MODEL_REGISTRY
+
+from fmpsr.pruning import apply_weight_masks, get_weight_masks, plain_state_dict
+from fmpsr.pruning.export import MASKS_FILE, atomic_write, load_state, read_network_options
+
+
+def load_checkpoint(path):
+    """Read a network checkpoint written by fmpsr or BasicSR, never executing code from it.
+
+    Args:
+        path (str): ``*.safetensors`` (an fmpsr export) or ``*.pth`` (a BasicSR / fmpsr checkpoint).
+
+    Returns:
+        dict: ``params`` (state dict), ``network_g`` (options or None), ``weight_masks`` (dict or None),
+        and, for ``.pth`` files, ``raw`` (the whole loaded dict).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'network checkpoint not found: {path!r}')
+    if path.endswith('.safetensors'):
+        mask_path = os.path.join(os.path.dirname(path), MASKS_FILE)
+        return {'params': load_state(path), 'network_g': read_network_options(path),
+                'weight_masks': load_state(mask_path) if os.path.isfile(mask_path) else None}
+    raw = torch.load(path, map_location='cpu', weights_only=True)
+    compact = raw.get('fmp_compact') or {}
+    return {'params': raw.get('params', raw), 'network_g': compact.get('network_g'),
+            'weight_masks': compact.get('weight_masks'), 'raw': raw}
+
+
+def check_scale(opt):
+    """Raise ValueError when ``network_g.upscale`` differs from the option file's ``scale``."""
+    upscale = (opt.get('network_g') or {}).get('upscale')
+    if upscale is not None and opt.get('scale') is not None and int(upscale) != int(opt['scale']):
+        raise ValueError(f"network_g.upscale ({upscale}) differs from scale ({opt['scale']}) in the option file")
+
+
+@MODEL_REGISTRY.register()
+class PrunedSRModel(SRModel):
+    """BasicSR ``SRModel`` for a compact network with weight masks (fine-tuning and testing).
+
+    * ``path.pretrain_network_g`` may be an fmpsr export (``net_g.safetensors``; its
+      ``weight_masks.safetensors`` beside it is used unless ``path.weight_masks`` names another
+      file) or a ``.pth`` checkpoint; ``network_g`` may be left out when the checkpoint carries it.
+    * Pruned weights are held at zero by a ``torch.nn.utils.parametrize`` mask, so fine-tuning
+      never brings them back (:mod:`fmpsr.pruning.masks`).
+    * Checkpoints hold plain ``name.weight`` keys (a plain LSRB loads them) plus the network
+      options and masks under ``fmp_compact``; every file is written atomically.
+
+    Raises:
+        ValueError: no ``network_g`` in the options nor in the checkpoint; ``network_g.upscale`` is
+            not ``scale``; ``train.ema_decay`` > 0 (not supported).
+        FileNotFoundError: a checkpoint or mask file that does not exist (named).
+    """
+
+    def __init__(self, opt):
+        BaseModel.__init__(self, opt)
+        check_scale(opt)
+        load_path = self.opt['path'].get('pretrain_network_g')
+        checkpoint = load_checkpoint(load_path) if load_path else None
+        network_opt = opt.get('network_g') or (checkpoint or {}).get('network_g')
+        if checkpoint and checkpoint.get('network_g'):
+            network_opt = checkpoint['network_g']  # a pruned checkpoint knows its own widths
+        if not network_opt:
+            raise ValueError('network_g: not given in the option file and the checkpoint '
+                             f'{load_path!r} does not carry it')
+        masks = self._masks_for(checkpoint)
+        self.build_compact(network_opt, checkpoint, masks)
+        if self.is_train:
+            self.init_training_settings()
+
+    def _masks_for(self, checkpoint):
+        mask_path = self.opt['path'].get('weight_masks')
+        if mask_path:
+            return load_state(mask_path)
+        return (checkpoint or {}).get('weight_masks')
+
+    def build_compact(self, network_opt, checkpoint=None, masks=None):
+        """Build ``self.net_g`` from ``network_opt``, load ``checkpoint['params']``, apply ``masks``."""
+        self.compact_network_opt = dict(network_opt)
+        net = build_network(dict(network_opt))
+        if checkpoint is not None:
+            strict = self.opt['path'].get('strict_load_g', True)
+            net.load_state_dict(checkpoint['params'], strict=strict)
+            get_root_logger().info(f"Loaded {network_opt['type']} weights from {self.opt['path'].get('pretrain_network_g')}")
+        if masks:
+            apply_weight_masks(net, masks)
+        self.net_g = self.model_to_device(net)
+        self.print_network(self.net_g)
+
+    # ---- training ----
+    def init_training_settings(self):
+        self.net_g.train()
+        train_opt = self.opt['train']
+        if train_opt.get('ema_decay', 0) > 0:
+            raise ValueError('train.ema_decay > 0 is not supported by fmpsr models; remove it')
+        self.cri_pix = build_loss(copy.deepcopy(train_opt['pixel_opt'])).to(self.device) \
+            if train_opt.get('pixel_opt') else None
+        self.cri_perceptual = build_loss(copy.deepcopy(train_opt['perceptual_opt'])).to(self.device) \
+            if train_opt.get('perceptual_opt') else None
+        if self.cri_pix is None and self.cri_perceptual is None:
+            raise ValueError('train: both pixel_opt and perceptual_opt are missing; give at least one loss')
+        self.setup_optimizers()
+        self.setup_schedulers()
+
+    def setup_optimizers(self, optim_opt=None):
+        """Adam (or what BasicSR's ``get_optimizer`` knows) over the compact network's parameters."""
+        optim_opt = copy.deepcopy(optim_opt or self.opt['train']['optim_g'])
+        optim_type = optim_opt.pop('type')
+        params = [p for p in self.net_g.parameters() if p.requires_grad]
+        self.optimizer_g = self.get_optimizer(optim_type, params, **optim_opt)
+        self.optimizers = [self.optimizer_g]
+
+    def setup_schedulers(self, scheduler_opt=None):
+        """BasicSR's schedulers, without consuming the options (they may be needed twice)."""
+        saved = self.opt['train']['scheduler']
+        self.opt['train']['scheduler'] = copy.deepcopy(scheduler_opt or saved)
+        self.schedulers = []
+        try:
+            super().setup_schedulers()
+        finally:
+            self.opt['train']['scheduler'] = saved
+
+    def optimize_parameters(self, current_iter):
+        self.optimizer_g.zero_grad()
+        self.output = self.net_g(self.lq)
+        loss_dict = OrderedDict()
+        l_total = self.reconstruction_loss(loss_dict)
+        self.check_finite(l_total, current_iter)
+        l_total.backward()
+        self.optimizer_g.step()
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+
+    def reconstruction_loss(self, loss_dict):
+        """Pixel (and perceptual) loss of ``self.output`` against ``self.gt``; fills ``loss_dict``."""
+        l_total = 0
+        if self.cri_pix:
+            loss_dict['l_pix'] = self.cri_pix(self.output, self.gt)
+            l_total = l_total + loss_dict['l_pix']
+        if self.cri_perceptual:
+            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
+            for key, value in (('l_percep', l_percep), ('l_style', l_style)):
+                if value is not None:
+                    loss_dict[key] = value
+                    l_total = l_total + value
+        return l_total
+
+    def check_finite(self, loss, current_iter):
+        """Raise FloatingPointError when the loss is NaN or Inf, before it reaches the weights."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f'loss is {loss.item()} at iteration {current_iter} ({type(self).__name__}); training stopped '
+                f'before the optimiser step, the last good checkpoint in {self.opt["path"].get("models")} is kept')
+
+    # ---- testing ----
+    def test(self):
+        """Forward ``self.lq`` without gradients through the bare network.
+
+        Not through the DDP wrapper: BasicSR validates on rank 0 only, and DDP's forward broadcasts
+        buffers (the masks) as a collective that the other ranks would never join.
+        """
+        net = self.get_bare_model(self.net_g)
+        net.eval()
+        with torch.no_grad():
+            self.output = net(self.lq)
+        net.train()
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        """BasicSR's validation; when testing, the metrics also go to ``<results_root>/metrics.json``."""
+        super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+        if not self.is_train and getattr(self, 'metric_results', None) is not None:
+            path = os.path.join(self.opt['path']['results_root'], 'metrics.json')
+            results = {}
+            if os.path.isfile(path):
+                with open(path) as f:
+                    results = json.load(f)
+            results[dataloader.dataset.opt['name']] = {k: float(v) for k, v in self.metric_results.items()}
+            atomic_write(path, lambda p: open(p, 'w').write(json.dumps(results, indent=2)))
+
+    # ---- checkpoints ----
+    def compact_checkpoint(self):
+        """``{'params': plain state dict, 'fmp_compact': {'network_g', 'weight_masks'}}`` of ``net_g``."""
+        net = self.get_bare_model(self.net_g)
+        return {'params': plain_state_dict(net),
+                'fmp_compact': {'network_g': self.compact_network_opt, 'weight_masks': get_weight_masks(net)}}
+
+    @master_only
+    def save_network(self, net, net_label, current_iter, param_key='params'):
+        """Save ``net_g`` as a compact checkpoint, atomically (``models/net_g_<iter>.pth``)."""
+        label = 'latest' if current_iter == -1 else current_iter
+        path = os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth')
+        checkpoint = self.compact_checkpoint()
+        atomic_write(path, lambda p: torch.save(checkpoint, p))
+
+    def training_state(self, epoch, current_iter):
+        """The dict ``save_training_state`` writes (subclasses add their own entries)."""
+        return {'epoch': epoch, 'iter': current_iter,
+                'optimizers': [o.state_dict() for o in self.optimizers],
+                'schedulers': [s.state_dict() for s in self.schedulers]}
+
+    @master_only
+    def save_training_state(self, epoch, current_iter):
+        """Write ``training_states/<iter>.state`` atomically (BasicSR writes it in place)."""
+        if current_iter == -1:
+            return
+        state = self.training_state(epoch, current_iter)
+        path = os.path.join(self.opt['path']['training_states'], f'{current_iter}.state')
+        atomic_write(path, lambda p: torch.save(state, p))

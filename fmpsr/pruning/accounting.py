@@ -1,0 +1,151 @@
+"""Params and MACs accounting (FMP Sec. 4.4, supplement Tab. 3).
+
+Params are all conv weights and biases; MACs are the multiply-accumulates of every conv
+(``kept weights * H_out * W_out``; what SR papers call "FLOPs"), at a stated LR input size.
+With metric = params or MACs and three counts of one network,
+
+* ``original``: the dense network,
+* ``channel``: after channel pruning (kept channels only, every weight of them),
+* ``pruned``: after channel and weight pruning (kept weights of kept channels),
+
+the ratios are ``channel_ratio = (original - channel) / original``,
+``weight_ratio = (channel - pruned) / original`` and ``total (kept) = 1 - channel_ratio - weight_ratio``
+(all fractions, not percent).
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .hyperconv import HyperConv2d
+
+METRICS = ('params', 'flops')
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Shape facts of one conv: channels, kernel (kh, kw), bias, and output size (H_out, W_out) in
+    pixels at the traced input size."""
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple
+    bias: bool
+    out_size: tuple
+
+    @property
+    def kernel_area(self):
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def out_pixels(self):
+        return self.out_size[0] * self.out_size[1]
+
+
+def trace_conv_specs(net, input_size, in_channels=3):
+    """Record every conv's :class:`ConvSpec` by running ``net`` once on the ``meta`` device.
+
+    Works on plain networks (``nn.Conv2d``) and hypernetworks (:class:`HyperConv2d`); nothing is
+    computed and ``net`` itself is not touched (a deep copy is moved to ``meta``).
+
+    Args:
+        net (nn.Module): the network.
+        input_size (tuple[int, int]): LR input (H, W) in pixels.
+        in_channels (int): image channels of the input. Default: 3.
+
+    Returns:
+        dict: conv module name -> ConvSpec, in call order.
+    """
+    meta = copy.deepcopy(net).to('meta')
+    specs, hooks = {}, []
+    for name, module in meta.named_modules():
+        if isinstance(module, (nn.Conv2d, HyperConv2d)):
+            def hook(mod, _inputs, output, name=name):
+                specs[name] = ConvSpec(mod.in_channels, mod.out_channels, tuple(mod.kernel_size),
+                                       mod.bias is not None, tuple(output.shape[-2:]))
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        meta(torch.empty(1, in_channels, *input_size, device='meta'))
+    for h in hooks:
+        h.remove()
+    return specs
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Params and MACs of a network (ints)."""
+    params: int
+    macs: int
+
+    def get(self, metric):
+        """The count for ``metric`` in {'params', 'flops'} ('flops' means MACs)."""
+        return self.params if metric == 'params' else self.macs
+
+
+def count(specs, kept_in=None, kept_out=None, kept_weights=None):
+    """Count params and MACs of a (possibly pruned) network.
+
+    Args:
+        specs (dict): conv name -> ConvSpec (the dense network, see :func:`trace_conv_specs`).
+        kept_in, kept_out (dict | None): conv name -> kept input / output channels; None = dense.
+        kept_weights (dict | None): conv name -> kept weights (nonzero kernel entries inside the kept
+            channels); None = every weight of the kept channels.
+
+    Returns:
+        Counts: params = sum(weights + kept biases), macs = sum(weights * H_out * W_out).
+    """
+    params = macs = 0
+    for name, s in specs.items():
+        c_in = s.in_channels if kept_in is None else kept_in[name]
+        c_out = s.out_channels if kept_out is None else kept_out[name]
+        weights = c_in * c_out * s.kernel_area if kept_weights is None else kept_weights[name]
+        params += weights + (c_out if s.bias else 0)
+        macs += weights * s.out_pixels
+    return Counts(params, macs)
+
+
+@dataclass(frozen=True)
+class PruneRatios:
+    """The three counts of FMP Sec. 4.4 and the ratios derived from them (fractions)."""
+    original: Counts
+    channel: Counts
+    pruned: Counts
+
+    def channel_ratio(self, metric):
+        """(original - after channel pruning) / original."""
+        return (self.original.get(metric) - self.channel.get(metric)) / self.original.get(metric)
+
+    def weight_ratio(self, metric):
+        """(after channel pruning - after channel and weight pruning) / original."""
+        return (self.channel.get(metric) - self.pruned.get(metric)) / self.original.get(metric)
+
+    def total_ratio(self, metric):
+        """Kept fraction: 1 - channel ratio - weight ratio = pruned / original."""
+        return 1.0 - self.channel_ratio(metric) - self.weight_ratio(metric)
+
+    def as_dict(self):
+        """Flat dict of counts and ratios for both metrics (for logs and summary.json)."""
+        out = {}
+        for metric in METRICS:
+            out[f'{metric}_channel_ratio'] = self.channel_ratio(metric)
+            out[f'{metric}_weight_ratio'] = self.weight_ratio(metric)
+            out[f'{metric}_total_ratio'] = self.total_ratio(metric)
+        for stage in ('original', 'channel', 'pruned'):
+            counts = getattr(self, stage)
+            out[f'{stage}_params'] = counts.params
+            out[f'{stage}_macs'] = counts.macs
+        return out
+
+
+def hypernetwork_ratios(hyper, specs):
+    """:class:`PruneRatios` of a :class:`~fmpsr.pruning.hypernet.HyperNetwork` from its masks.
+
+    Args:
+        hyper (HyperNetwork): the network being pruned.
+        specs (dict): conv name -> ConvSpec of the same network (dense shapes).
+    """
+    kept = hyper.kept_channels()
+    kept_in = {name: kept[g_in] for name, (g_in, _) in hyper.grouping.convs.items()}
+    kept_out = {name: kept[g_out] for name, (_, g_out) in hyper.grouping.convs.items()}
+    return PruneRatios(original=count(specs), channel=count(specs, kept_in, kept_out),
+                       pruned=count(specs, kept_in, kept_out, hyper.kept_weights()))

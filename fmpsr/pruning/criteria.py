@@ -1,0 +1,92 @@
+"""Convergence criteria of FMP (FMP Sec. 4.4, supplement Sec. 2.2).
+
+Targets gamma_C and gamma_W are prune fractions of the original network, in the chosen metric
+(``params`` or ``flops`` = MACs):
+
+* ``channel``: converged when channel ratio >= gamma_C;
+* ``weight``: converged when weight ratio >= gamma_W;
+* ``total_fixed``: both, each on its own; the part that reaches its target is frozen while the
+  other goes on;
+* ``total``: converged when channel ratio + weight ratio >= gamma_C + gamma_W (the split between
+  the two is left to the optimisation).
+"""
+from dataclasses import dataclass
+
+from .accounting import METRICS
+
+CRITERIA = ('channel', 'weight', 'total_fixed', 'total')
+
+
+@dataclass(frozen=True)
+class CriterionStatus:
+    """Outcome of one check: ``converged`` ends the pruning stage; ``channel_done`` /
+    ``weight_done`` freeze that part (``total_fixed`` only)."""
+    converged: bool
+    channel_done: bool
+    weight_done: bool
+
+
+@dataclass(frozen=True)
+class ConvergenceCriterion:
+    """A convergence rule (see the module docstring).
+
+    Args:
+        metric (str): 'params' or 'flops' (MACs).
+        criterion (str): one of 'channel', 'weight', 'total_fixed', 'total'.
+        gamma_c (float): channel prune target, fraction in [0, 1).
+        gamma_w (float): weight prune target, fraction in [0, 1).
+
+    Raises:
+        ValueError: unknown metric or criterion, a target outside [0, 1), gamma_c + gamma_w >= 1,
+            or a zero target for the part the criterion converges on.
+    """
+    metric: str
+    criterion: str
+    gamma_c: float
+    gamma_w: float
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f'pruning.metric: unknown metric {self.metric!r} (choose from {list(METRICS)})')
+        if self.criterion not in CRITERIA:
+            raise ValueError(f'pruning.criterion: unknown criterion {self.criterion!r} (choose from {list(CRITERIA)})')
+        for key in ('gamma_c', 'gamma_w'):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f'pruning.{key} must be a fraction in [0, 1), got {value!r}')
+        if self.gamma_c + self.gamma_w >= 1:
+            raise ValueError(f'pruning.gamma_c + pruning.gamma_w must be < 1 (nothing would be left), '
+                             f'got {self.gamma_c} + {self.gamma_w}')
+        needs = {'channel': ('gamma_c',), 'weight': ('gamma_w',), 'total_fixed': (), 'total': ()}[self.criterion]
+        for key in needs:
+            if getattr(self, key) == 0:
+                raise ValueError(f'pruning.{key} is 0 but criterion {self.criterion!r} converges on it')
+        if self.criterion == 'total' and self.gamma_c + self.gamma_w == 0:
+            raise ValueError("pruning.gamma_c + pruning.gamma_w is 0: criterion 'total' needs a target")
+
+    def status(self, channel_ratio, weight_ratio):
+        """Evaluate the rule on the current ratios (fractions of the original, in this metric).
+
+        Returns:
+            CriterionStatus
+        """
+        c_ok, w_ok = channel_ratio >= self.gamma_c, weight_ratio >= self.gamma_w
+        if self.criterion == 'channel':
+            return CriterionStatus(c_ok, False, False)
+        if self.criterion == 'weight':
+            return CriterionStatus(w_ok, False, False)
+        if self.criterion == 'total_fixed':
+            return CriterionStatus(c_ok and w_ok, c_ok, w_ok)
+        return CriterionStatus(channel_ratio + weight_ratio >= self.gamma_c + self.gamma_w, False, False)
+
+    def weight_budget(self, channel_ratio, weight_ratio):
+        """How much more weight pruning the rule allows, as a fraction of the original (may be inf).
+
+        Weight masks are updated smallest-indicator-first within this budget so that a wave of
+        indicators crossing the threshold together does not overshoot the target.
+        """
+        if self.criterion == 'channel':
+            return float('inf')
+        if self.criterion == 'total':
+            return max(self.gamma_c + self.gamma_w - channel_ratio - weight_ratio, 0.0)
+        return max(self.gamma_w - weight_ratio, 0.0)

@@ -1,0 +1,172 @@
+"""Channel vectors and the hypernetwork conv of FMP (FMP Sec. 3.3, Eqs. 1-3; DHP, Li et al. ECCV 2020).
+
+A :class:`ChannelVector` is the latent vector z_C of one channel group: every conv whose output
+channels belong to the group gets it as its output vector, every conv that reads the group gets it
+as its input vector. A :class:`HyperConv2d` owns no conv weight: it generates one from the two
+vectors and its weight indicator Z_W on every forward pass.
+
+Pruning is by mask. Because of the hypernetwork biases B0..B2 a zero entry of z does not give an
+exact zero weight, so each vector carries a boolean ``mask`` buffer (False = pruned channel) and each
+conv a ``weight_mask`` buffer (False = pruned weight). Masks are applied in the forward pass, so a
+pruned channel outputs exactly zero (weight and bias), and they only ever go from True to False,
+so the network that :func:`fmpsr.pruning.finalize.finalize` slices out computes the same function.
+"""
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ChannelVector(nn.Module):
+    """The channel vector z_C of one channel group (FMP Sec. 3.3), with its keep mask.
+
+    Args:
+        size (int): Number of channels in the group.
+        prunable (bool): False for the image input and the upsampler output: never shrunk or masked.
+
+    Attributes:
+        z (Parameter): shape (size,), DHP init N(0, 1).
+        mask (bool buffer): shape (size,), True where the channel is kept.
+    """
+
+    def __init__(self, size, prunable=True):
+        super().__init__()
+        self.prunable = prunable
+        self.z = nn.Parameter(torch.randn(size))
+        self.register_buffer('mask', torch.ones(size, dtype=torch.bool))
+
+    def extra_repr(self):
+        return f'size={self.z.numel()}, prunable={self.prunable}'
+
+    @property
+    def size(self):
+        return self.z.numel()
+
+    def kept(self):
+        """Number of kept channels (int)."""
+        return int(self.mask.sum())
+
+    @torch.no_grad()
+    def proximal_step_(self, threshold, prune_threshold=5e-3, min_channels=4):
+        """L1 proximal operator on z (FMP Eq. 10; DHP): ``z <- sign(z) * max(|z| - threshold, 0)``.
+
+        As in DHP, a vector whose entries above ``prune_threshold`` are already no more than
+        ``min_channels`` is left alone. Pruned entries stay at zero.
+
+        Args:
+            threshold (float): lr * lambda_C, the shrinkage of this step.
+            prune_threshold (float): |z| below which an entry counts as pruned (DHP: 5e-3).
+            min_channels (int): channels a vector always keeps (DHP: 4).
+        """
+        if not self.prunable:
+            return
+        z = self.z.data
+        if int((z.abs() >= prune_threshold).sum()) > min_channels:
+            z.copy_(torch.sign(z) * torch.clamp(z.abs() - threshold, min=0))
+        z.mul_(self.mask)
+
+    @torch.no_grad()
+    def update_mask_(self, prune_threshold=5e-3, min_channels=4):
+        """Prune (mask) the entries with |z| < ``prune_threshold``; keep at least ``min_channels``
+        (the largest |z|). Masks are monotone: a pruned channel never comes back.
+
+        Returns:
+            int: number of channels newly pruned by this call.
+        """
+        if not self.prunable:
+            return 0
+        before = self.kept()
+        magnitude = self.z.detach().abs() * self.mask
+        keep = (magnitude >= prune_threshold) & self.mask
+        floor = min(min_channels, before)
+        if int(keep.sum()) < floor:
+            keep = torch.zeros_like(keep)
+            keep[magnitude.topk(floor).indices] = True
+        self.mask.copy_(keep)
+        self.z.data.mul_(keep)
+        return before - self.kept()
+
+
+class HyperConv2d(nn.Module):
+    """A conv whose weight a hypernetwork generates from channel vectors and a weight indicator.
+
+    With kernel [c_out, c_in, kh, kw], embedding size m and k = kh*kw (FMP Eqs. 1-2, DHP):
+
+    * ``M = z_in z_out^T + B0``                       (c_in, c_out)
+    * ``E = M[..., None] * W1 + B1``                  (c_in, c_out, m)
+    * ``O = W2 @ E[..., None] + B2``                  (c_in, c_out, k)
+    * ``weight = O.permute -> (c_out, c_in, kh, kw) * Z_W * masks``
+
+    computed for all (i, j) pairs at once. The bias is an ordinary parameter (c_out,), masked by the
+    output vector's mask. The hypernetwork costs ``c_in*c_out*(1 + 2m + k*(m+1))`` training-time
+    parameters (98 per pair for 3x3, m=8); they are not part of the pruned model's size.
+
+    Args:
+        in_vector (ChannelVector): vector of the group this conv reads (size c_in).
+        out_vector (ChannelVector): vector of the group this conv writes (size c_out).
+        kernel_size, stride, padding, dilation: as in ``nn.Conv2d`` (groups=1 only).
+        bias (bool): whether the conv has a bias. Default: True.
+        embed_dim (int): m, the hypernetwork embedding size (DHP default 8).
+
+    Shapes:
+        x: (B, c_in, H, W) -> (B, c_out, H_out, W_out), as ``nn.Conv2d``.
+
+    The vectors are referenced, not registered: the module that owns the groups (see
+    :class:`fmpsr.pruning.hypernet.HyperNetwork`) registers them once.
+    """
+
+    def __init__(self, in_vector, out_vector, kernel_size, stride=1, padding=0, dilation=1, bias=True,
+                 embed_dim=8):
+        super().__init__()
+        object.__setattr__(self, 'in_vector', in_vector)
+        object.__setattr__(self, 'out_vector', out_vector)
+        c_in, c_out = in_vector.size, out_vector.size
+        self.in_channels, self.out_channels = c_in, c_out
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.embed_dim = m = embed_dim
+        k = self.kernel_size[0] * self.kernel_size[1]
+        bound2 = math.sqrt(3.0 / (m * c_in * k))
+        self.w1 = nn.Parameter(torch.empty(c_in, c_out, m).uniform_(-math.sqrt(3.0), math.sqrt(3.0)))
+        self.w2 = nn.Parameter(torch.empty(c_in, c_out, k, m).uniform_(-bound2, bound2))
+        self.b0 = nn.Parameter(torch.zeros(c_in, c_out))
+        self.b1 = nn.Parameter(torch.zeros(c_in, c_out, m))
+        self.b2 = nn.Parameter(torch.zeros(c_in, c_out, k))
+        self.weight_indicator = nn.Parameter(torch.ones(c_out, c_in, *self.kernel_size))
+        self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
+        self.register_buffer('weight_mask', torch.ones(c_out, c_in, *self.kernel_size, dtype=torch.bool))
+
+    def extra_repr(self):
+        return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '
+                f'padding={self.padding}, embed_dim={self.embed_dim}, bias={self.bias is not None}')
+
+    def hyper_parameters(self):
+        """The hypernetwork parameters Theta_H = (W1, W2, B0, B1, B2) (FMP Eq. 3)."""
+        return [self.w1, self.w2, self.b0, self.b1, self.b2]
+
+    def keep_mask(self):
+        """Boolean (c_out, c_in, kh, kw): weights kept by both channel masks and the weight mask."""
+        channel = self.out_vector.mask[:, None, None, None] & self.in_vector.mask[None, :, None, None]
+        return self.weight_mask & channel
+
+    def generate_weight(self):
+        """The conv weight Z = Z_C * Z_W (FMP Eq. 2), masked; shape (c_out, c_in, kh, kw)."""
+        z_in = self.in_vector.z * self.in_vector.mask
+        z_out = self.out_vector.z * self.out_vector.mask
+        grid = z_in[:, None] * z_out[None, :] + self.b0                      # (c_in, c_out)
+        embed = grid[..., None] * self.w1 + self.b1                          # (c_in, c_out, m)
+        out = torch.matmul(self.w2, embed[..., None]).squeeze(-1) + self.b2  # (c_in, c_out, k)
+        weight = out.permute(1, 0, 2).reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        return weight * self.weight_indicator * self.keep_mask()
+
+    def generate_bias(self):
+        """The masked bias, shape (c_out,), or None."""
+        return None if self.bias is None else self.bias * self.out_vector.mask
+
+    def forward(self, x):
+        return F.conv2d(x, self.generate_weight(), self.generate_bias(), self.stride, self.padding, self.dilation)
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)

@@ -1,0 +1,80 @@
+"""Turn a plain conv network into its FMP hypernetwork form (FMP Sec. 3.3, Fig. 3).
+
+:class:`HyperNetwork` takes a plain network and its :class:`~fmpsr.pruning.grouping.ChannelGrouping`,
+replaces every ``nn.Conv2d`` by a :class:`~fmpsr.pruning.hyperconv.HyperConv2d` under the same
+module name, and owns one :class:`~fmpsr.pruning.hyperconv.ChannelVector` per group. Everything
+else of the network (activations, PixelShuffle, ESA's pooling) is untouched, so the hypernetwork
+computes the plain network's function with generated weights.
+"""
+import torch
+from torch import nn
+
+from .hyperconv import ChannelVector, HyperConv2d
+
+
+class HyperNetwork(nn.Module):
+    """A plain network with hypernetwork convs and shared channel vectors.
+
+    Args:
+        net (nn.Module): the plain network; modified in place (its convs are replaced).
+        grouping (ChannelGrouping): channel groups of ``net`` (validated here).
+        embed_dim (int): hypernetwork embedding size m (DHP default 8).
+
+    Attributes:
+        net (nn.Module): the converted network; ``forward`` calls it.
+        channel_vectors (nn.ModuleDict): group name -> ChannelVector.
+
+    Shapes: as ``net``.
+
+    Raises:
+        ValueError: the grouping does not match ``net`` (see ``ChannelGrouping.validate``).
+    """
+
+    def __init__(self, net, grouping, embed_dim=8):
+        super().__init__()
+        grouping.validate(net)
+        self.grouping = grouping
+        self.channel_vectors = nn.ModuleDict(
+            {name: ChannelVector(g.size, g.prunable) for name, g in grouping.groups.items()})
+        for name, (g_in, g_out) in grouping.convs.items():
+            conv = net.get_submodule(name)
+            hyper = HyperConv2d(self.channel_vectors[g_in], self.channel_vectors[g_out], conv.kernel_size,
+                                conv.stride, conv.padding, conv.dilation, conv.bias is not None, embed_dim)
+            parent_name, _, child = name.rpartition('.')
+            setattr(net.get_submodule(parent_name) if parent_name else net, child, hyper)
+        self.net = net
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+    def hyper_convs(self):
+        """Yield ``(name, HyperConv2d)`` in ``grouping.convs`` order (names as in the plain network)."""
+        for name in self.grouping.convs:
+            yield name, self.net.get_submodule(name)
+
+    def prunable_vectors(self):
+        """The ChannelVectors that may be pruned (list)."""
+        return [v for v in self.channel_vectors.values() if v.prunable]
+
+    def parameter_groups(self):
+        """Split the parameters for the optimiser (FMP Sec. 3.4).
+
+        Returns:
+            dict: ``hyper`` (W1, W2, B0..B2 and conv biases: SGD/Adam with weight decay, Eq. 8),
+            ``channel`` (channel vectors: proximal gradient, Eqs. 9-10), ``weight`` (weight
+            indicators: SGD/Adam with lambda_W R(Z_W), Sec. 3.4).
+        """
+        channel = [v.z for v in self.channel_vectors.values()]
+        weight = [conv.weight_indicator for _, conv in self.hyper_convs()]
+        taken = {id(p) for p in channel + weight}
+        hyper = [p for p in self.parameters() if id(p) not in taken]
+        return {'hyper': hyper, 'channel': channel, 'weight': weight}
+
+    def kept_channels(self):
+        """Dict group name -> number of kept channels (int)."""
+        return {name: v.kept() for name, v in self.channel_vectors.items()}
+
+    @torch.no_grad()
+    def kept_weights(self):
+        """Dict conv name -> number of kept weights inside kept channels (int)."""
+        return {name: int(conv.keep_mask().sum()) for name, conv in self.hyper_convs()}

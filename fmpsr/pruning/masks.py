@@ -1,0 +1,71 @@
+"""Weight masks that keep pruned weights at exactly zero while a compact network trains.
+
+The masks are held by one mechanism, ``torch.nn.utils.parametrize``: ``conv.weight`` becomes
+``original * mask``, so a pruned weight is zero in every forward pass and gets no gradient.
+:func:`plain_state_dict` gives the ordinary ``name.weight`` keys back for saving.
+"""
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+class WeightMask(nn.Module):
+    """Parametrization ``w -> w * mask`` (mask: bool, same shape as the weight)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer('mask', mask.bool())
+
+    def forward(self, weight):
+        return weight * self.mask
+
+
+def apply_weight_masks(net, masks):
+    """Register a :class:`WeightMask` on ``weight`` of each named conv.
+
+    Args:
+        net (nn.Module): the compact network.
+        masks (dict): conv module name -> bool tensor of the conv weight's shape (c_out, c_in, kh, kw).
+
+    Raises:
+        KeyError: a name that is not a module of ``net``.
+        ValueError: a mask whose shape differs from the weight's (both shapes in the message).
+    """
+    for name, mask in masks.items():
+        try:
+            module = net.get_submodule(name)
+        except AttributeError as error:
+            raise KeyError(f'weight mask for {name!r}: the network has no such module') from error
+        if tuple(mask.shape) != tuple(module.weight.shape):
+            raise ValueError(f'weight mask for {name!r} has shape {tuple(mask.shape)}, '
+                             f'the weight has {tuple(module.weight.shape)}')
+        if parametrize.is_parametrized(module, 'weight'):
+            parametrize.remove_parametrizations(module, 'weight', leave_parametrized=True)
+        with torch.no_grad():
+            module.weight.mul_(mask.to(module.weight.device))
+        parametrize.register_parametrization(module, 'weight', WeightMask(mask.to(module.weight.device)))
+
+
+def get_weight_masks(net):
+    """Dict conv name -> bool mask of every conv carrying a :class:`WeightMask`."""
+    masks = {}
+    for name, module in net.named_modules():
+        if parametrize.is_parametrized(module, 'weight'):
+            for p in module.parametrizations['weight']:
+                if isinstance(p, WeightMask):
+                    masks[name] = p.mask.detach().clone()
+    return masks
+
+
+def plain_state_dict(net):
+    """``net.state_dict()`` with masked weights under plain ``name.weight`` keys (CPU tensors)."""
+    state = {}
+    for key, value in net.state_dict().items():
+        if '.parametrizations.weight.' in key:
+            prefix, _, rest = key.partition('.parametrizations.weight.')
+            if rest == 'original':
+                masked = net.get_submodule(prefix).weight
+                state[f'{prefix}.weight'] = masked.detach().cpu().clone()
+            continue
+        state[key] = value.detach().cpu().clone()
+    return state

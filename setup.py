@@ -1,0 +1,26 @@
+"""fmpsr: Flexible Meta Pruning (and friends) for image super-resolution, as a BasicSR plug-in."""
+from setuptools import find_packages, setup
+
+setup(
+    name='fmpsr',
+    version='0.1.0',
+    description='Prune image super-resolution networks (FMP, DHP, ...) inside BasicSR',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['fmpsr', 'fmpsr.*']),
+    python_requires='>=3.9',
+    install_requires=[
+        'basicsr==1.4.2',
+        'torch>=2.1',
+        'torchvision',
+        'safetensors>=0.4',
+        'scikit-image',
+        'pyyaml',
+        'tqdm',
+        'lmdb',
+        'opencv-python',
+        'tensorboard',
+    ],
+    extras_require={'test': ['pytest', 'hypothesis']},
+    license='Apache-2.0',
+)

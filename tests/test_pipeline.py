@@ -1,0 +1,235 @@
+"""End to end through BasicSR's entry points: fmpsr/train.py (FMP prune -> finalize -> fine-tune),
+fmpsr/test.py on the export, fine-tuning an export, --auto_resume, and torchrun with gloo on CPU.
+
+A tiny LSRB on a tiny generated data set, a few dozen iterations; each run is a real subprocess.
+"""
+import json
+import os
+import os.path as osp
+import shutil
+import subprocess
+import sys
+import uuid
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+import fmpsr  # noqa: F401
+from basicsr.archs import build_network
+from basicsr.utils.matlab_functions import imresize
+
+ROOT = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
+SCALE = 2
+
+
+def run(args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f'{" ".join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}'
+    return result
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """4 train and 2 val HR/LR pairs cut from a bundled scikit-image photograph (x2)."""
+    import skimage.data
+    root = tmp_path_factory.mktemp('data')
+    photo = skimage.data.astronaut()[:, :, ::-1]  # BGR like cv2
+    crops = {'train': [(0, 0), (0, 128), (128, 0), (128, 128)], 'val': [(256, 256), (320, 128)]}
+    for split, corners in crops.items():
+        for d in ('HR', 'LR'):
+            (root / split / d).mkdir(parents=True)
+        for i, (y, x) in enumerate(corners):
+            size = 96 if split == 'train' else 64
+            hr = photo[y:y + size, x:x + size]
+            lr = np.clip(np.round(imresize(hr.astype(np.float32) / 255., 1 / SCALE) * 255), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(root / split / 'HR' / f'img{i}.png'), hr)
+            cv2.imwrite(str(root / split / 'LR' / f'img{i}.png'), lr)
+    return root
+
+
+def write_options(path, name, data, model_type='FMPModel', total_iter=40, extra=None):
+    opt = {
+        'name': name, 'model_type': model_type, 'scale': SCALE, 'num_gpu': 0, 'manual_seed': 0,
+        'datasets': {
+            'train': {'name': 'tiny', 'type': 'PairedImageDataset', 'dataroot_gt': str(data / 'train/HR'),
+                      'dataroot_lq': str(data / 'train/LR'), 'filename_tmpl': '{}', 'io_backend': {'type': 'disk'},
+                      'gt_size': 32, 'use_hflip': True, 'use_rot': True, 'num_worker_per_gpu': 0,
+                      'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 50, 'prefetch_mode': None},
+            'val': {'name': 'tiny_val', 'type': 'PairedImageDataset', 'dataroot_gt': str(data / 'val/HR'),
+                    'dataroot_lq': str(data / 'val/LR'), 'io_backend': {'type': 'disk'}}},
+        'network_g': {'type': 'LSRB', 'num_feat': 12, 'num_block': 2, 'upscale': SCALE, 'esa_channels': 6},
+        'pruning': {'type': 'fmp', 'metric': 'params', 'criterion': 'total', 'gamma_c': 0.25, 'gamma_w': 0.05,
+                    'lambda_c': 20.0, 'lambda_w': 0.02, 'check_freq': 5, 'max_prune_iter': 25,
+                    'macs_input_size': [16, 16], 'weight_lr_mult': 30.0, 'min_channels': 2},
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {'optim_g': {'type': 'Adam', 'lr': 1e-3, 'weight_decay': 0, 'betas': [0.9, 0.999]},
+                  'scheduler': {'type': 'MultiStepLR', 'milestones': [100000], 'gamma': 0.5},
+                  'total_iter': total_iter, 'warmup_iter': -1,
+                  'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'}},
+        'val': {'val_freq': 1e9, 'save_img': False,
+                'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': SCALE, 'test_y_channel': True}}},
+        'logger': {'print_freq': 10, 'save_checkpoint_freq': 10, 'use_tb_logger': False, 'wandb': {'project': None}},
+        'dist_params': {'backend': 'gloo', 'port': 29500},
+    }
+    if model_type != 'FMPModel':
+        opt.pop('pruning')
+    for key, value in (extra or {}).items():
+        node = opt
+        *parents, last = key.split('.')
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    with open(path, 'w') as f:
+        yaml.safe_dump(opt, f)
+    return opt
+
+
+@pytest.fixture(scope='module')
+def names():
+    created = []
+
+    def new(prefix):
+        name = f'{prefix}_{uuid.uuid4().hex[:8]}'
+        created.append(name)
+        return name
+    yield new
+    for name in created:
+        for folder in ('experiments', 'results', 'tb_logger'):
+            shutil.rmtree(osp.join(ROOT, folder, name), ignore_errors=True)
+
+
+@pytest.fixture(scope='module')
+def fmp_run(data, names, tmp_path_factory):
+    name = names('pytest_fmp')
+    yml = tmp_path_factory.mktemp('opt') / 'fmp.yml'
+    opt = write_options(yml, name, data)
+    run([sys.executable, 'fmpsr/train.py', '-opt', str(yml)])
+    return {'name': name, 'yml': yml, 'opt': opt, 'exp': osp.join(ROOT, 'experiments', name)}
+
+
+def independent_counts(net, masks, lr_size):
+    """Params and MACs of a plain network, counted with hooks; masked weights excluded."""
+    pixels, hooks = {}, []
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(lambda mod, i, o, name=name: pixels.__setitem__(name, o.shape[-2:].numel())))
+    with torch.no_grad():
+        net(torch.zeros(1, 3, *lr_size))
+    for h in hooks:
+        h.remove()
+    dense = sparse = dense_macs = sparse_macs = 0
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            kept = int(masks[name].sum()) if masks is not None else m.weight.numel()
+            bias = m.bias.numel() if m.bias is not None else 0
+            dense += m.weight.numel() + bias
+            sparse += kept + bias
+            dense_macs += m.weight.numel() * pixels[name]
+            sparse_macs += kept * pixels[name]
+    return dense, sparse, dense_macs, sparse_macs
+
+
+def test_fmp_run_exports_a_plain_compact_network(fmp_run):
+    export = osp.join(fmp_run['exp'], 'export')
+    with open(osp.join(export, 'network_g.yml')) as f:
+        network_opt = yaml.safe_load(f)
+    with open(osp.join(export, 'pruning.json')) as f:
+        info = json.load(f)
+    assert 0 < info['switch_iter'] <= 25
+    # a plain torch user: build_network + safetensors state_dict, no fmpsr loader involved
+    net = build_network(dict(network_opt))
+    net.load_state_dict(load_file(osp.join(export, 'net_g.safetensors')), strict=True)
+    masks = load_file(osp.join(export, 'weight_masks.safetensors'))
+    assert type(net).__name__ == 'LSRB'
+    assert network_opt['num_feat'] < fmp_run['opt']['network_g']['num_feat']  # channels were pruned
+    for name, mask in masks.items():
+        weight = net.get_submodule(name).weight
+        assert torch.all(weight[~mask] == 0), name  # pruned weights exactly zero after fine-tuning
+    # ratios the model logged == counts on the exported network (independent of the pruning core)
+    original = build_network(dict(fmp_run['opt']['network_g']))
+    o_params, _, o_macs, _ = independent_counts(original, None, (16, 16))
+    c_params, p_params, c_macs, p_macs = independent_counts(net, masks, (16, 16))
+    r = info['ratios']
+    assert r['original_params'] == o_params and r['channel_params'] == c_params and r['pruned_params'] == p_params
+    assert r['original_macs'] == o_macs and r['channel_macs'] == c_macs and r['pruned_macs'] == p_macs
+    assert r['params_channel_ratio'] == pytest.approx((o_params - c_params) / o_params, abs=1e-12)
+    assert r['params_weight_ratio'] == pytest.approx((c_params - p_params) / o_params, abs=1e-12)
+    assert r['params_channel_ratio'] + r['params_weight_ratio'] >= 0.30 - 1e-9  # the total target was met
+    assert r['converged'] is True
+
+
+def test_fmp_checkpoints_and_state(fmp_run):
+    models = os.listdir(osp.join(fmp_run['exp'], 'models'))
+    states = os.listdir(osp.join(fmp_run['exp'], 'training_states'))
+    assert {'net_g_10.pth', 'net_g_40.pth', 'net_g_latest.pth'} <= set(models)
+    assert {'10.state', '40.state'} <= set(states)
+    assert not [f for f in models + states if f.endswith('.tmp')]  # atomic writes leave nothing behind
+    state = torch.load(osp.join(fmp_run['exp'], 'training_states', '10.state'), weights_only=True)
+    assert state['fmp']['stage'] == 'prune' and state['fmp']['pruner'] is not None
+    state = torch.load(osp.join(fmp_run['exp'], 'training_states', '40.state'), weights_only=True)
+    assert state['fmp']['stage'] == 'finetune'
+
+
+def test_test_py_scores_the_export(fmp_run, data, names, tmp_path):
+    name = names('pytest_test')
+    yml = tmp_path / 'test.yml'
+    opt = {'name': name, 'model_type': 'PrunedSRModel', 'scale': SCALE, 'num_gpu': 0,
+           'datasets': {'test_1': {'name': 'tiny_val', 'type': 'PairedImageDataset',
+                                   'dataroot_gt': str(data / 'val/HR'), 'dataroot_lq': str(data / 'val/LR'),
+                                   'io_backend': {'type': 'disk'}}},
+           'path': {'pretrain_network_g': osp.join(fmp_run['exp'], 'export', 'net_g.safetensors')},
+           'val': {'save_img': False, 'suffix': None, 'metrics': {
+               'psnr': {'type': 'calculate_psnr', 'crop_border': SCALE, 'test_y_channel': True}}}}
+    yml.write_text(yaml.safe_dump(opt))
+    run([sys.executable, 'fmpsr/test.py', '-opt', str(yml)])
+    with open(osp.join(ROOT, 'results', name, 'metrics.json')) as f:
+        metrics = json.load(f)
+    assert 10 < metrics['tiny_val']['psnr'] < 60
+
+
+def test_finetune_from_export_keeps_zeros(fmp_run, data, names, tmp_path):
+    name = names('pytest_ft')
+    yml = tmp_path / 'ft.yml'
+    export = osp.join(fmp_run['exp'], 'export')
+    write_options(yml, name, data, model_type='PrunedSRModel', total_iter=10,
+                  extra={'path.pretrain_network_g': osp.join(export, 'net_g.safetensors')})
+    run([sys.executable, 'fmpsr/train.py', '-opt', str(yml)])
+    checkpoint = torch.load(osp.join(ROOT, 'experiments', name, 'models', 'net_g_latest.pth'), weights_only=True)
+    before = load_file(osp.join(export, 'net_g.safetensors'))
+    masks = load_file(osp.join(export, 'weight_masks.safetensors'))
+    changed = 0
+    for conv, mask in masks.items():
+        after = checkpoint['params'][f'{conv}.weight']
+        assert torch.all(after[~mask] == 0), conv
+        changed += int((after != before[f'{conv}.weight']).sum())
+    assert changed > 0  # it did train
+
+
+def test_auto_resume_continues_the_finetune_stage(fmp_run, tmp_path):
+    opt = yaml.safe_load(open(fmp_run['yml']))
+    opt['train']['total_iter'] = 50
+    yml = tmp_path / 'resume.yml'
+    yml.write_text(yaml.safe_dump(opt))
+    result = run([sys.executable, 'fmpsr/train.py', '-opt', str(yml), '--auto_resume'])
+    log = result.stdout + result.stderr
+    assert 'Resuming training from epoch' in log or 'iter: 40' in log
+    assert osp.isfile(osp.join(fmp_run['exp'], 'models', 'net_g_50.pth'))
+    state = torch.load(osp.join(fmp_run['exp'], 'training_states', '50.state'), weights_only=True)
+    assert state['fmp']['stage'] == 'finetune' and state['iter'] == 50
+
+
+def test_torchrun_two_processes_with_gloo(data, names, tmp_path):
+    name = names('pytest_ddp')
+    yml = tmp_path / 'ddp.yml'
+    write_options(yml, name, data, total_iter=30, extra={'datasets.train.batch_size_per_gpu': 1})
+    run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
+         'fmpsr/train.py', '-opt', str(yml), '--launcher', 'pytorch'], timeout=400)
+    exp = osp.join(ROOT, 'experiments', name)
+    assert osp.isfile(osp.join(exp, 'export', 'net_g.safetensors'))
+    assert osp.isfile(osp.join(exp, 'models', 'net_g_latest.pth'))

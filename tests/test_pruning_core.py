@@ -1,0 +1,844 @@
+"""Tests of the FMP pruning core (fmpsr/pruning), CPU only, small LSRBs.
+
+Counts are checked against independent counts on the finalized compact network: params as the sum
+of ``p.numel()``, MACs with forward hooks on ``nn.Conv2d`` and with ``FlopCounterMode`` (2 FLOPs per
+MAC); pruned counts from the weights that are exactly zero. Nothing here uses
+``fmpsr.pruning.accounting.count`` to compute an expected value.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import fmpsr  # noqa: F401  (registers LSRB)
+from basicsr.archs import build_network
+from fmpsr.pruning import (ChannelGroup, ChannelGrouping, ChannelVector, ConvergenceCriterion, FMPConfig,
+                           FMPPruner, HyperNetwork, apply_weight_masks, build_grouping, finalize,
+                           hypernetwork_ratios, load_compact, plain_state_dict, save_compact,
+                           trace_conv_specs)
+from fmpsr.pruning.hyperconv import HyperConv2d
+
+# ---------------------------------------------------------------- helpers
+
+
+def lsrb_opt(num_feat=16, num_block=2, esa_channels=8, upscale=3, **extra):
+    return dict(type='LSRB', num_feat=num_feat, num_block=num_block, esa_channels=esa_channels,
+                upscale=upscale, **extra)
+
+
+def make_hyper(opt, seed=0, embed_dim=8, randomize=True):
+    """HyperNetwork over a fresh LSRB built from ``opt``; B0..B2, conv biases and weight indicators
+    randomised so that a zero z entry does not give a zero weight."""
+    torch.manual_seed(seed)
+    net = build_network(dict(opt))
+    hyper = HyperNetwork(net, build_grouping(net, opt), embed_dim=embed_dim)
+    if randomize:
+        with torch.no_grad():
+            for _, conv in hyper.hyper_convs():
+                conv.b0.normal_(0, 0.5)
+                conv.b1.normal_(0, 0.5)
+                conv.b2.normal_(0, 0.05)
+                conv.bias.normal_(0, 0.1)
+                conv.weight_indicator.uniform_(0.5, 1.5)
+    return hyper
+
+
+def random_prune(hyper, seed=0, channel_p=0.4, weight_p=0.3):
+    """Zero some z entries of every prunable group and update the masks (min 1 channel), then
+    drop random weights with ``weight_mask``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for vector in hyper.prunable_vectors():
+            drop = torch.rand(vector.size, generator=g) < channel_p
+            vector.z[drop] = 0.0
+            vector.update_mask_(min_channels=1)
+        for _, conv in hyper.hyper_convs():
+            conv.weight_mask &= torch.rand(conv.weight_mask.shape, generator=g) >= weight_p
+
+
+def conv_modules(net):
+    return {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def num_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def hook_counts(net, x):
+    """Independent counts of a plain network via forward hooks on nn.Conv2d.
+
+    Returns:
+        dict with ``macs`` (all weights * output pixels), ``nonzero_macs`` (nonzero weights * output
+        pixels), ``zero_weights`` (number of weights exactly 0), ``out_pixels`` (name -> H_out*W_out).
+    """
+    out = {'macs': 0, 'nonzero_macs': 0, 'zero_weights': 0, 'out_pixels': {}}
+    names = {m: n for n, m in conv_modules(net).items()}
+    handles = []
+
+    def hook(module, _inputs, output):
+        pixels = output.shape[-2] * output.shape[-1]
+        w = module.weight
+        out['out_pixels'][names[module]] = pixels
+        out['macs'] += w.numel() * pixels
+        out['nonzero_macs'] += int((w != 0).sum()) * pixels
+        out['zero_weights'] += int((w == 0).sum())
+
+    for module in names:
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def flop_counter_macs(net, x):
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            net(x)
+    return counter.get_total_flops() // 2
+
+
+def close(a, b, tol=1e-4):
+    return torch.allclose(a, b, rtol=0, atol=tol * float(b.abs().max()))
+
+
+# ---------------------------------------------------------------- HyperConv2d
+
+
+def naive_weight(conv):
+    """REFERENCE.md sec. 3 with Python loops over (i, j); masks not applied."""
+    z_in, z_out = conv.in_vector.z.detach(), conv.out_vector.z.detach()
+    c_in, c_out = z_in.numel(), z_out.numel()
+    kh, kw = conv.kernel_size
+    weight = torch.empty(c_out, c_in, kh, kw)
+    for i in range(c_in):
+        for j in range(c_out):
+            m_ij = z_in[i] * z_out[j] + conv.b0[i, j]                    # scalar
+            e_ij = m_ij * conv.w1[i, j] + conv.b1[i, j]                  # (m,)
+            o_ij = conv.w2[i, j] @ e_ij + conv.b2[i, j]                  # (k,)
+            weight[j, i] = o_ij.reshape(kh, kw) * conv.weight_indicator[j, i]
+    return weight.detach()
+
+
+TINY = lsrb_opt(num_feat=8, num_block=1, esa_channels=4, upscale=2)
+
+
+@pytest.mark.parametrize('name', ['conv_first', 'body.0.conv1', 'body.0.conv1x1', 'body.0.esa.conv2',
+                                  'body.0.esa.conv_f', 'upsampler'])
+def test_hyperconv_weight_equals_naive_loop(name):
+    hyper = make_hyper(TINY, seed=1)
+    conv = hyper.net.get_submodule(name)
+    assert isinstance(conv, HyperConv2d)
+    assert conv.b0.abs().min() > 0 and conv.b1.abs().min() > 0 and conv.b2.abs().min() > 0
+    expected = naive_weight(conv)
+    with torch.no_grad():
+        got = conv.generate_weight()
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # the forward pass is a conv with that weight and the bias
+    x = torch.randn(2, conv.in_channels, 17, 15)
+    with torch.no_grad():
+        ref = F.conv2d(x, expected, conv.bias, conv.stride, conv.padding, conv.dilation)
+        assert torch.allclose(conv(x), ref, atol=1e-4)
+
+
+def test_hyperconv_masked_channels_give_exact_zero_weight_and_bias():
+    hyper = make_hyper(TINY, seed=2)
+    stream = hyper.channel_vectors['stream']
+    mid = hyper.channel_vectors['body_0_mid']
+    stream.mask[[1, 5]] = False
+    mid.mask[[0, 3, 7]] = False
+    with torch.no_grad():
+        # written by conv_first (stream out), read by body.0.conv1 (stream in, mid out)
+        first = hyper.net.conv_first
+        w, b = first.generate_weight(), first.generate_bias()
+        assert torch.count_nonzero(w[[1, 5]]) == 0 and torch.count_nonzero(b[[1, 5]]) == 0
+        assert (w[[0, 2, 3, 4, 6, 7]] != 0).all() and (b[[0, 2, 3, 4, 6, 7]] != 0).all()
+        y = first(torch.randn(1, 3, 16, 16))
+        assert torch.count_nonzero(y[:, [1, 5]]) == 0
+        conv1 = hyper.net.body[0].conv1
+        w, b = conv1.generate_weight(), conv1.generate_bias()
+        assert torch.count_nonzero(w[[0, 3, 7]]) == 0 and torch.count_nonzero(b[[0, 3, 7]]) == 0
+        assert torch.count_nonzero(w[:, [1, 5]]) == 0            # pruned input channels
+        kept = w[[1, 2, 4, 5, 6]][:, [0, 2, 3, 4, 6, 7]]
+        assert (kept != 0).all()
+        # a pruned weight inside kept channels
+        conv1.weight_mask[2, 0, 1, 1] = False
+        assert conv1.generate_weight()[2, 0, 1, 1] == 0
+        assert conv1.generate_weight()[2, 0, 1, 0] != 0
+
+
+@pytest.mark.parametrize('name, k', [('conv_first', 9), ('body.0.conv2', 9), ('body.0.conv1x1', 1),
+                                     ('body.0.esa.conv2', 9), ('body.0.esa.conv4', 1)])
+def test_hypernetwork_parameter_count(name, k):
+    m = 8
+    hyper = make_hyper(TINY, randomize=False, embed_dim=m)
+    conv = hyper.net.get_submodule(name)
+    per_pair = 1 + 2 * m + k * (m + 1)
+    if k == 9:
+        assert per_pair == 98
+    count = sum(p.numel() for p in conv.hyper_parameters())
+    assert count == conv.in_channels * conv.out_channels * per_pair
+
+
+def test_hypernetwork_dhp_init():
+    hyper = make_hyper(lsrb_opt(num_feat=24, num_block=1, esa_channels=8), seed=0, randomize=False)
+    conv = hyper.net.body[0].conv2
+    m, c_in, k = 8, conv.in_channels, 9
+    for p in (conv.b0, conv.b1, conv.b2):
+        assert torch.count_nonzero(p) == 0
+    assert torch.equal(conv.weight_indicator, torch.ones_like(conv.weight_indicator))
+    assert conv.w1.abs().max() <= 3 ** 0.5 and conv.w1.abs().max() > 0.9 * 3 ** 0.5
+    bound = (3 / (m * c_in * k)) ** 0.5
+    assert conv.w2.abs().max() <= bound and conv.w2.abs().max() > 0.9 * bound
+
+
+# ---------------------------------------------------------------- grouping
+
+
+def test_lsrb_grouping_structure():
+    opt = lsrb_opt(num_feat=8, num_block=2, esa_channels=4, upscale=2)
+    net = build_network(dict(opt))
+    grouping = build_grouping(net, opt)
+    assert set(grouping.convs) == set(conv_modules(net))
+    writers = {n for n, (_, g_out) in grouping.convs.items() if g_out == 'stream'}
+    readers = {n for n, (g_in, _) in grouping.convs.items() if g_in == 'stream'}
+    exp_writers, exp_readers = {'conv_first', 'conv_after_body'}, {'conv_after_body', 'upsampler'}
+    for i in range(2):
+        p = f'body.{i}'
+        exp_writers |= {f'{p}.conv2', f'{p}.conv1x1', f'{p}.esa.conv4'}
+        exp_readers |= {f'{p}.conv1', f'{p}.conv1x1', f'{p}.esa.conv1'}
+        assert grouping.convs[f'{p}.esa.conv_f'][1] == grouping.convs[f'{p}.esa.conv3'][1]
+        assert grouping.convs[f'{p}.esa.conv_f'][0] == grouping.convs[f'{p}.esa.conv2'][0] \
+            == grouping.convs[f'{p}.esa.conv1'][1]
+        assert grouping.convs[f'{p}.conv2'][0] == grouping.convs[f'{p}.conv1'][1]
+        assert grouping.convs[f'{p}.esa.conv4'][0] == grouping.convs[f'{p}.esa.conv3'][1]
+    assert writers == exp_writers
+    assert readers == exp_readers
+    # free groups are distinct per block
+    assert grouping.convs['body.0.conv1'][1] != grouping.convs['body.1.conv1'][1]
+    # the image input and the upsampler output are fixed
+    assert not grouping.groups[grouping.convs['conv_first'][0]].prunable
+    assert not grouping.groups[grouping.convs['upsampler'][1]].prunable
+    assert grouping.groups[grouping.convs['upsampler'][1]].size == 3 * 2 * 2
+    prunable = {g for g, spec in grouping.groups.items() if spec.prunable}
+    assert len(prunable) == 1 + 2 * 4
+
+
+def test_hypernetwork_shares_vector_objects():
+    hyper = make_hyper(lsrb_opt(num_feat=8, num_block=2, esa_channels=4, upscale=2), randomize=False)
+    net = hyper.net
+    stream = net.conv_first.out_vector
+    writers = [net.conv_after_body] + [m for b in net.body for m in (b.conv2, b.conv1x1, b.esa.conv4)]
+    readers = [net.upsampler, net.conv_after_body] + [m for b in net.body for m in (b.conv1, b.conv1x1, b.esa.conv1)]
+    assert all(m.out_vector is stream for m in writers)
+    assert all(m.in_vector is stream for m in readers)
+    for b in net.body:
+        assert b.esa.conv_f.out_vector is b.esa.conv3.out_vector is b.esa.conv4.in_vector
+        assert b.esa.conv1.out_vector is b.esa.conv_f.in_vector is b.esa.conv2.in_vector
+        assert b.conv1.out_vector is b.conv2.in_vector
+        assert b.conv1.out_vector is not stream
+    assert net.body[0].conv1.out_vector is not net.body[1].conv1.out_vector
+    assert not net.conv_first.in_vector.prunable and not net.upsampler.out_vector.prunable
+    # every vector is registered once
+    assert len(list(hyper.channel_vectors.values())) == len({id(v) for v in hyper.channel_vectors.values()})
+    assert sum(1 for n, _ in hyper.named_parameters() if n.endswith('.z')) == len(hyper.channel_vectors)
+
+
+def test_grouping_validation_errors():
+    opt = lsrb_opt(num_feat=8, num_block=1, esa_channels=4, upscale=2)
+    net = build_network(dict(opt))
+    good = build_grouping(net, opt)
+    convs = dict(good.convs)
+    del convs['body.0.esa.conv3']
+    with pytest.raises(ValueError, match='body.0.esa.conv3'):
+        ChannelGrouping(dict(good.groups), convs, good.compact_options).validate(net)
+    with pytest.raises(ValueError):
+        HyperNetwork(build_network(dict(opt)), ChannelGrouping(dict(good.groups), convs))
+    groups = dict(good.groups)
+    groups['body_0_mid'] = ChannelGroup(7)
+    with pytest.raises(ValueError, match='body_0_mid'):
+        ChannelGrouping(groups, dict(good.convs)).validate(net)
+    convs = dict(good.convs)
+    convs['not_a_conv'] = ('stream', 'stream')
+    with pytest.raises(ValueError, match='not_a_conv'):
+        ChannelGrouping(dict(good.groups), convs).validate(net)
+    convs = dict(good.convs)
+    convs['body.0.conv1'] = ('stream', 'nope')
+    with pytest.raises(ValueError, match='nope'):
+        ChannelGrouping(dict(good.groups), convs).validate(net)
+
+
+# ---------------------------------------------------------------- ChannelVector
+
+
+def _vector(values, mask=None, prunable=True):
+    v = ChannelVector(len(values), prunable=prunable)
+    with torch.no_grad():
+        v.z.copy_(torch.tensor(values, dtype=torch.float32))
+        if mask is not None:
+            v.mask.copy_(torch.tensor(mask))
+    return v
+
+
+def test_proximal_step_soft_threshold_exact():
+    v = _vector([0.5, -0.3, 0.02, -0.01, 1.0, 0.0, -0.04])
+    v.proximal_step_(0.05, prune_threshold=5e-3, min_channels=2)
+    expected = torch.tensor([0.45, -0.25, 0.0, 0.0, 0.95, 0.0, 0.0])
+    assert torch.allclose(v.z.detach(), expected, atol=1e-7)
+    assert v.z[2] == 0 and v.z[3] == 0 and v.z[6] == 0   # exactly zero, not sign-flipped
+    assert v.mask.all()                                   # the proximal step does not mask
+
+
+def test_proximal_step_stops_at_min_channels():
+    values = [0.5, 0.001, -0.3, 0.0, 0.004]   # two entries >= 5e-3
+    v = _vector(values)
+    v.proximal_step_(0.1, prune_threshold=5e-3, min_channels=2)
+    assert torch.equal(v.z.detach(), torch.tensor(values))
+    v = _vector(values)
+    v.proximal_step_(0.1, prune_threshold=5e-3, min_channels=1)   # 2 > 1: shrinks
+    assert torch.allclose(v.z.detach(), torch.tensor([0.4, 0.0, -0.2, 0.0, 0.0]))
+
+
+def test_proximal_step_keeps_masked_entries_zero():
+    v = _vector([0.5, 0.7, -0.3, 0.9], mask=[True, False, True, True])
+    v.z.data[1] = 0.7   # as if an optimiser had moved it
+    v.proximal_step_(0.1, min_channels=1)
+    assert v.z[1] == 0
+    assert torch.allclose(v.z.detach(), torch.tensor([0.4, 0.0, -0.2, 0.8]))
+
+
+def test_update_mask_prunes_below_threshold():
+    v = _vector([0.5, 0.001, -0.3, 0.0, -0.004, 0.006])
+    assert v.update_mask_(prune_threshold=5e-3, min_channels=2) == 3
+    assert v.mask.tolist() == [True, False, True, False, False, True]
+    assert v.z[1] == 0 and v.z[4] == 0
+    assert v.kept() == 3
+
+
+def test_update_mask_keeps_min_channels_largest():
+    v = _vector([0.001, 0.002, -0.003, 0.0001, 0.004])
+    assert v.update_mask_(prune_threshold=5e-3, min_channels=2) == 3
+    assert v.mask.tolist() == [False, False, True, False, True]
+    # monotone: a pruned entry does not come back even with a large z
+    v.z.data[0] = 10.0
+    v.z.data[1] = -10.0
+    v.update_mask_(prune_threshold=5e-3, min_channels=2)
+    assert v.mask.tolist() == [False, False, True, False, True]
+    v.z.data[2] = 1.0
+    v.z.data[4] = 1.0
+    v.update_mask_(prune_threshold=5e-3, min_channels=2)
+    assert v.mask.tolist() == [False, False, True, False, True]
+
+
+def test_update_mask_monotone_with_small_nonzero_kept_entries():
+    v = _vector([0.2, 0.3, 0.004, 0.003, 0.002], mask=[False, False, True, True, True])
+    v.update_mask_(prune_threshold=5e-3, min_channels=2)
+    assert v.mask.tolist() == [False, False, True, True, False]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    'BUG fmpsr/pruning/hyperconv.py:83-85 (ChannelVector.update_mask_): when fewer than '
+    'min_channels kept entries reach prune_threshold, topk runs on |z|*mask, where masked entries '
+    'are 0; kept entries that are exactly 0 (the proximal step clamps to 0) tie with them, so topk '
+    'may pick an already-pruned index and un-prune it (masks must be monotone).'))
+def test_update_mask_monotone_when_kept_entries_are_zero():
+    resurrected = []
+    for size, masked in ((6, [0, 1]), (6, [4, 5]), (8, [0, 2, 5]), (5, [2])):
+        mask = [i not in masked for i in range(size)]
+        v = _vector([0.0] * size, mask=mask)
+        v.update_mask_(prune_threshold=5e-3, min_channels=3)
+        if any(v.mask[i] for i in masked):
+            resurrected.append((size, masked, v.mask.tolist()))
+    assert not resurrected, resurrected
+
+
+def test_fixed_vector_never_changes():
+    v = _vector([0.001, -0.002, 0.0, 0.3], prunable=False)
+    before = v.z.detach().clone()
+    v.proximal_step_(1.0, min_channels=1)
+    assert v.update_mask_(min_channels=1) == 0
+    assert torch.equal(v.z.detach(), before)
+    assert v.mask.all()
+
+
+# ---------------------------------------------------------------- finalize
+
+
+FIN = lsrb_opt(num_feat=16, num_block=2, esa_channels=8, upscale=3)
+
+
+@pytest.fixture(scope='module')
+def pruned_finalized():
+    hyper = make_hyper(FIN, seed=3)
+    random_prune(hyper, seed=4)
+    hyper.eval()
+    compact, opt, masks = finalize(hyper, build_network)
+    return hyper, compact.eval(), opt, masks
+
+
+def test_finalize_random_prune_is_nontrivial(pruned_finalized):
+    hyper, *_ = pruned_finalized
+    kept = hyper.kept_channels()
+    assert kept['stream'] < 16 and any(kept[f'body_{i}_mid'] < 16 for i in range(2))
+    assert any(not conv.weight_mask.all() for _, conv in hyper.hyper_convs())
+    # random B0..B2: a zero z entry alone would not zero the weights (pruning is by mask)
+    vector = hyper.channel_vectors['stream']
+    assert (vector.z[~vector.mask] == 0).all()
+    unmasked = naive_weight(hyper.net.conv_first)
+    assert (unmasked[~vector.mask] != 0).all()
+
+
+def test_finalize_compact_is_plain_lsrb_with_reduced_widths(pruned_finalized):
+    hyper, compact, opt, masks = pruned_finalized
+    assert type(compact).__name__ == 'LSRB'
+    assert not any(isinstance(m, HyperConv2d) for m in compact.modules())
+    kept = {name: int(v.mask.sum()) for name, v in hyper.channel_vectors.items()}
+    convs = conv_modules(compact)
+    c = kept['stream']
+    assert opt['type'] == 'LSRB' and opt['num_feat'] == c and opt['upscale'] == 3
+    assert convs['conv_first'].weight.shape == (c, 3, 3, 3)
+    assert convs['upsampler'].weight.shape == (27, c, 3, 3)
+    for i in range(2):
+        f1, f2, f3 = (kept[f'body_{i}_esa{j}'] for j in (1, 2, 3))
+        mid = kept[f'body_{i}_mid']
+        p = f'body.{i}'
+        assert convs[f'{p}.conv1'].weight.shape == (mid, c, 3, 3)
+        assert convs[f'{p}.conv2'].weight.shape == (c, mid, 3, 3)
+        assert convs[f'{p}.esa.conv1'].weight.shape == (f1, c, 1, 1)
+        assert convs[f'{p}.esa.conv2'].weight.shape == (f2, f1, 3, 3)
+        assert convs[f'{p}.esa.conv3'].weight.shape == (f3, f2, 3, 3)
+        assert convs[f'{p}.esa.conv_f'].weight.shape == (f3, f1, 1, 1)
+        assert convs[f'{p}.esa.conv4'].weight.shape == (c, f3, 1, 1)
+    assert set(masks) == set(convs)
+    for name, mask in masks.items():
+        assert mask.dtype == torch.bool and mask.shape == convs[name].weight.shape
+
+
+def test_finalize_compact_equals_hypernetwork(pruned_finalized):
+    hyper, compact, _, masks = pruned_finalized
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 20, 24)
+    with torch.no_grad():
+        a, b = compact(x), hyper(x)
+    assert a.shape == b.shape == (2, 3, 60, 72)
+    assert float(b.abs().max()) > 0
+    assert close(a, b)
+    convs = conv_modules(compact)
+    for name, mask in masks.items():
+        w = convs[name].weight
+        assert torch.count_nonzero(w[~mask]) == 0, name
+        assert (w[mask] != 0).all(), name
+
+
+def test_finalize_equals_naive_sliced_weights(pruned_finalized):
+    """Compact weights are the naive formula's weights sliced by the kept indices, masked."""
+    hyper, compact, _, _ = pruned_finalized
+    convs = conv_modules(compact)
+    for name, conv in hyper.hyper_convs():
+        rows = conv.out_vector.mask.nonzero().flatten()
+        cols = conv.in_vector.mask.nonzero().flatten()
+        z_in_saved, z_out_saved = conv.in_vector.z.detach().clone(), conv.out_vector.z.detach().clone()
+        expected = naive_weight(conv)[rows][:, cols] * conv.weight_mask[rows][:, cols]
+        assert torch.equal(conv.in_vector.z.detach(), z_in_saved) and torch.equal(conv.out_vector.z.detach(), z_out_saved)
+        assert torch.allclose(convs[name].weight, expected, atol=1e-5), name
+        assert torch.allclose(convs[name].bias, conv.bias.detach()[rows]), name
+
+
+# ---------------------------------------------------------------- accounting (independent counts)
+
+
+def independent_counts(dense_opt, compact, lr_size, flop_counter=True):
+    dense = build_network(dict(dense_opt))
+    x = torch.zeros(1, 3, *lr_size)
+    dense_hooks = hook_counts(dense, x)
+    compact_hooks = hook_counts(compact, x)
+    compact_params = num_params(compact)
+    return {
+        'original_params': num_params(dense), 'original_macs': dense_hooks['macs'],
+        'channel_params': compact_params, 'channel_macs': compact_hooks['macs'],
+        'pruned_params': compact_params - compact_hooks['zero_weights'],
+        'pruned_macs': compact_hooks['nonzero_macs'],
+        'flop_counter_channel_macs': flop_counter_macs(compact, x) if flop_counter else compact_hooks['macs'],
+        'flop_counter_original_macs': flop_counter_macs(dense, x) if flop_counter else dense_hooks['macs'],
+    }
+
+
+def check_ratios_against_independent(ratios, ind):
+    assert ind['channel_macs'] == ind['flop_counter_channel_macs']
+    assert ind['original_macs'] == ind['flop_counter_original_macs']
+    assert ratios.original.params == ind['original_params']
+    assert ratios.original.macs == ind['original_macs']
+    assert ratios.channel.params == ind['channel_params']
+    assert ratios.channel.macs == ind['channel_macs']
+    assert ratios.pruned.params == ind['pruned_params']
+    assert ratios.pruned.macs == ind['pruned_macs']
+    for metric, key in (('params', 'params'), ('flops', 'macs')):
+        o, c, p = ind[f'original_{key}'], ind[f'channel_{key}'], ind[f'pruned_{key}']
+        assert ratios.channel_ratio(metric) == pytest.approx((o - c) / o, abs=1e-12)
+        assert ratios.weight_ratio(metric) == pytest.approx((c - p) / o, abs=1e-12)
+        assert ratios.total_ratio(metric) == pytest.approx(p / o, abs=1e-12)
+
+
+@pytest.mark.parametrize('lr_size', [(20, 24), (64, 64), (15, 17)])
+def test_accounting_matches_independent_counts(pruned_finalized, lr_size):
+    hyper, compact, _, _ = pruned_finalized
+    specs = trace_conv_specs(build_network(dict(FIN)), lr_size)
+    ratios = hypernetwork_ratios(hyper, specs)
+    ind = independent_counts(FIN, compact, lr_size)
+    assert ind['pruned_params'] < ind['channel_params'] < ind['original_params']
+    assert ind['pruned_macs'] < ind['channel_macs'] < ind['original_macs']
+    check_ratios_against_independent(ratios, ind)
+    d = ratios.as_dict()
+    assert d['original_params'] == ind['original_params'] and d['pruned_macs'] == ind['pruned_macs']
+    assert d['params_total_ratio'] == pytest.approx(ind['pruned_params'] / ind['original_params'])
+
+
+def test_accounting_dense_hypernetwork_has_zero_ratios():
+    hyper = make_hyper(FIN, seed=0, randomize=False)
+    ratios = hypernetwork_ratios(hyper, trace_conv_specs(build_network(dict(FIN)), (16, 16)))
+    dense = build_network(dict(FIN))
+    assert ratios.original.params == ratios.channel.params == ratios.pruned.params == num_params(dense)
+    for metric in ('params', 'flops'):
+        assert ratios.channel_ratio(metric) == 0 and ratios.weight_ratio(metric) == 0
+        assert ratios.total_ratio(metric) == 1
+
+
+def test_trace_conv_specs_same_on_hypernetwork_and_plain():
+    hyper = make_hyper(FIN, seed=0, randomize=False)
+    a = trace_conv_specs(build_network(dict(FIN)), (17, 21))
+    # traced through the HyperNetwork wrapper, names carry its 'net.' prefix
+    b = trace_conv_specs(hyper, (17, 21))
+    assert b == {f'net.{k}': v for k, v in a.items()}
+    assert a['body.0.esa.conv2'].out_size == ((17 - 3) // 2 + 1, (21 - 3) // 2 + 1)
+    assert a['body.0.esa.conv3'].out_size == (((17 - 3) // 2 + 1 - 7) // 3 + 1, ((21 - 3) // 2 + 1 - 7) // 3 + 1)
+    # the hypernetwork itself is untouched (still on CPU)
+    assert next(hyper.parameters()).device.type == 'cpu'
+
+
+@st.composite
+def pruning_case(draw):
+    num_feat = draw(st.integers(4, 24))
+    num_block = draw(st.integers(1, 3))
+    mid = [draw(st.integers(1, 12)) for _ in range(num_block)]
+    esa = [[draw(st.integers(1, 6)) for _ in range(3)] for _ in range(num_block)]
+    upscale = draw(st.sampled_from([2, 3, 4]))
+    lr_size = (draw(st.integers(15, 22)), draw(st.integers(15, 22)))
+    seed = draw(st.integers(0, 2 ** 16))
+    channel_p = draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
+    weight_p = draw(st.sampled_from([0.0, 0.2, 0.6, 0.95]))
+    return num_feat, num_block, mid, esa, upscale, lr_size, seed, channel_p, weight_p
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pruning_case())
+def test_property_counts_equal_compact_network(case):
+    num_feat, num_block, mid, esa, upscale, lr_size, seed, channel_p, weight_p = case
+    opt = lsrb_opt(num_feat=num_feat, num_block=num_block, upscale=upscale, mid_feats=mid, esa_feats=esa)
+    hyper = make_hyper(opt, seed=seed % 1000, embed_dim=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for vector in hyper.prunable_vectors():
+            keep = torch.rand(vector.size, generator=g) >= channel_p
+            keep[torch.randint(vector.size, (1,), generator=g)] = True      # >= 1 per group
+            vector.mask.copy_(keep)
+            vector.z.mul_(keep)
+        for _, conv in hyper.hyper_convs():
+            conv.weight_mask.copy_(torch.rand(conv.weight_mask.shape, generator=g) >= weight_p)
+    compact, compact_opt, masks = finalize(hyper, build_network)
+    assert compact_opt['num_feat'] == int(hyper.channel_vectors['stream'].mask.sum())
+    ratios = hypernetwork_ratios(hyper, trace_conv_specs(build_network(dict(opt)), lr_size))
+    ind = independent_counts(opt, compact, lr_size, flop_counter=False)
+    check_ratios_against_independent(ratios, ind)
+    convs = conv_modules(compact)
+    assert sum(int(m.sum()) for m in masks.values()) == sum(int((c.weight != 0).sum()) for c in convs.values())
+
+
+# ---------------------------------------------------------------- criteria and config
+
+
+CRITERION_TABLE = [
+    # criterion, (channel_ratio, weight_ratio), (converged, channel_done, weight_done)
+    ('channel', (0.5, 0.0), (True, False, False)),
+    ('channel', (0.49, 0.5), (False, False, False)),
+    ('weight', (0.0, 0.2), (True, False, False)),
+    ('weight', (0.69, 0.19), (False, False, False)),
+    ('total_fixed', (0.5, 0.1), (False, True, False)),
+    ('total_fixed', (0.4, 0.25), (False, False, True)),
+    ('total_fixed', (0.55, 0.2), (True, True, True)),
+    ('total_fixed', (0.4, 0.1), (False, False, False)),
+    ('total', (0.65, 0.1), (True, False, False)),
+    ('total', (0.0, 0.75), (True, False, False)),
+    ('total', (0.5, 0.15), (False, False, False)),
+    ('total', (0.3, 0.3), (False, False, False)),
+]
+
+
+@pytest.mark.parametrize('criterion, ratios, expected', CRITERION_TABLE)
+def test_criterion_status_table(criterion, ratios, expected):
+    rule = ConvergenceCriterion('params', criterion, 0.5, 0.2)
+    status = rule.status(*ratios)
+    assert (status.converged, status.channel_done, status.weight_done) == expected
+
+
+@pytest.mark.parametrize('criterion, ratios, expected', [
+    ('channel', (0.1, 0.0), float('inf')),
+    ('weight', (0.3, 0.05), 0.15),
+    ('weight', (0.3, 0.25), 0.0),
+    ('total_fixed', (0.9, 0.05), 0.15),
+    ('total', (0.4, 0.1), 0.2),
+    ('total', (0.6, 0.2), 0.0),
+])
+def test_criterion_weight_budget(criterion, ratios, expected):
+    rule = ConvergenceCriterion('flops', criterion, 0.5, 0.2)
+    assert rule.weight_budget(*ratios) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(metric='macs'), 'metric'),
+    (dict(criterion='both'), 'criterion'),
+    (dict(gamma_c=1.0), 'gamma_c'),
+    (dict(gamma_c=-0.1), 'gamma_c'),
+    (dict(gamma_w=1.0), 'gamma_w'),
+    (dict(gamma_w=-0.01), 'gamma_w'),
+    (dict(gamma_c=0.6, gamma_w=0.4), 'gamma_c \\+ pruning.gamma_w'),
+    (dict(gamma_c=0.7, gamma_w=0.5), 'gamma'),
+    (dict(criterion='channel', gamma_c=0.0), 'gamma_c'),
+    (dict(criterion='weight', gamma_w=0.0), 'gamma_w'),
+])
+def test_criterion_rejects_bad_values(kwargs, match):
+    args = dict(metric='params', criterion='total', gamma_c=0.5, gamma_w=0.2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ConvergenceCriterion(**args)
+
+
+def test_fmp_config_from_options():
+    config = FMPConfig.from_options({'type': 'FMP', 'criterion': 'total_fixed', 'gamma_c': 0.3, 'gamma_w': 0.1,
+                                     'macs_input_size': [32, 48]})
+    assert config.criterion == 'total_fixed' and config.gamma_c == 0.3 and config.macs_input_size == (32, 48)
+    with pytest.raises(ValueError, match='gama_c'):
+        FMPConfig.from_options({'gama_c': 0.3})
+    with pytest.raises(ValueError, match='gamma_c'):
+        FMPConfig.from_options({'gamma_c': 1.5})
+    with pytest.raises(ValueError, match='weight_reg'):
+        FMPConfig.from_options({'weight_reg': 'l0'})
+    with pytest.raises(ValueError, match='macs_input_size'):
+        FMPConfig.from_options({'macs_input_size': [8, 64]})
+
+
+# ---------------------------------------------------------------- FMPPruner weight budget
+
+
+def _weight_pruner(metric, seed=0):
+    hyper = make_hyper(FIN, seed=seed, randomize=False)
+    with torch.no_grad():
+        for v in hyper.channel_vectors.values():
+            v.z.fill_(1.0)   # no channel falls below the channel threshold
+    specs = trace_conv_specs(build_network(dict(FIN)), (32, 32))
+    config = FMPConfig.from_options(dict(criterion='weight', gamma_c=0.0, gamma_w=0.1, metric=metric))
+    return hyper, FMPPruner(hyper, specs, config), specs
+
+
+def _pruned_fraction(hyper, specs, metric):
+    """Independent weight ratio: pruned weights (x output pixels for flops) / dense total."""
+    dense = build_network(dict(FIN))
+    out = hook_counts(dense, torch.zeros(1, 3, 32, 32))
+    total = num_params(dense) if metric == 'params' else out['macs']
+    pruned = 0
+    for name, conv in hyper.hyper_convs():
+        n = int((~conv.weight_mask).sum())
+        pruned += n if metric == 'params' else n * out['out_pixels'][name]
+    return pruned / total
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    'BUG fmpsr/pruning/fmp.py:222-228 (FMPPruner._update_weight_masks): the per-conv floor keeps '
+    'only candidates with `magnitude < cutoff`, cutoff = the floor-th largest kept indicator of the '
+    'conv; when indicators tie (all = 1e-4) nothing is strictly below the cutoff, so a conv whose '
+    'indicators are all equal prunes nothing: weight ratio 0.0020 (just the 40 smaller ones) '
+    'instead of ~0.1.'))
+def test_weight_budget_all_indicators_below_threshold():
+    hyper, pruner, specs = _weight_pruner('params')
+    conv1 = hyper.net.body[1].conv1
+    special = torch.zeros(conv1.weight_indicator.shape, dtype=torch.bool)
+    special.view(-1)[torch.randperm(special.numel(), generator=torch.Generator().manual_seed(0))[:40]] = True
+    with torch.no_grad():
+        for _, conv in hyper.hyper_convs():
+            conv.weight_indicator.fill_(1e-4)
+        conv1.weight_indicator[special] = 1e-6
+    pruner.check()
+    ratio = _pruned_fraction(hyper, specs, 'params')
+    assert not conv1.weight_mask[special].any()       # the smallest are pruned first
+    assert 0.1 - 0.01 <= ratio <= 0.1                 # within budget, not everything, not nothing
+
+
+@pytest.mark.parametrize('metric', ['params', 'flops'])
+def test_weight_budget_smallest_first_and_not_everything(metric):
+    hyper, pruner, specs = _weight_pruner(metric)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, conv in hyper.hyper_convs():
+            # all below the 5e-3 threshold, distinct
+            conv.weight_indicator.copy_(torch.rand(conv.weight_indicator.shape, generator=g) * 1e-3 + 1e-5)
+        target = hyper.net.body[1].conv1.weight_indicator
+        special = torch.zeros(target.numel(), dtype=torch.bool)
+        special[torch.randperm(target.numel(), generator=g)[:40]] = True
+        special = special.view_as(target)
+        target[special] = 1e-7 * (1 + torch.rand(int(special.sum()), generator=g))
+    status = pruner.check()
+    ratio = _pruned_fraction(hyper, specs, metric)
+    assert 0.1 - 0.01 <= ratio <= 0.1 + 1e-12
+    assert pruner.ratios.weight_ratio(metric) == pytest.approx(ratio)
+    assert status.converged == (ratio >= 0.1)
+    # the distinguishable smallest subset is pruned
+    assert not hyper.net.body[1].conv1.weight_mask[special].any()
+    # smallest |Z_W| first: every pruned indicator <= every kept indicator that was a candidate
+    # (the per-conv floor, min_channels * kh * kw largest, is protected)
+    pruned_max, kept_min = 0.0, float('inf')
+    for name, conv in hyper.hyper_convs():
+        mag = conv.weight_indicator.detach().abs().flatten()
+        mask = conv.weight_mask.flatten()
+        if (~mask).any():
+            pruned_max = max(pruned_max, float(mag[~mask].max()))
+        floor = 4 * specs[name].kernel_area
+        protected = torch.zeros_like(mask)
+        protected[mag.topk(floor).indices] = True
+        if (mask & ~protected).any():
+            kept_min = min(kept_min, float(mag[mask & ~protected].min()))
+    assert pruned_max <= kept_min
+    # a second check with the target reached prunes nothing more
+    before = [conv.weight_mask.clone() for _, conv in hyper.hyper_convs()]
+    pruner.check()
+    after = [conv.weight_mask for _, conv in hyper.hyper_convs()]
+    if ratio >= 0.1 - 1e-9:
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+    # monotone in any case
+    assert all(not (a & ~b).any() for a, b in zip(after, before))
+
+
+def test_weight_indicators_above_threshold_are_not_pruned():
+    hyper, pruner, specs = _weight_pruner('params')
+    pruner.check()   # indicators at their init (1.0)
+    assert all(conv.weight_mask.all() for _, conv in hyper.hyper_convs())
+    assert pruner.ratios.weight_ratio('params') == 0
+
+
+# ---------------------------------------------------------------- masks.py
+
+
+def _compact_with_masks(seed=0):
+    torch.manual_seed(seed)
+    opt = lsrb_opt(num_feat=6, num_block=1, esa_channels=3, upscale=2, mid_feats=[5], esa_feats=[[3, 2, 4]])
+    net = build_network(dict(opt))
+    g = torch.Generator().manual_seed(seed)
+    masks = {name: torch.rand(m.weight.shape, generator=g) > 0.4 for name, m in conv_modules(net).items()}
+    return net, opt, masks
+
+
+def test_apply_weight_masks_keeps_zero_after_optimizer_step():
+    net, _, masks = _compact_with_masks()
+    apply_weight_masks(net, masks)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1, weight_decay=0.01)
+    x = torch.randn(2, 3, 16, 16)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = net(x).square().mean()
+        loss.backward()
+        optimizer.step()
+    any_grad = False
+    for name, mask in masks.items():
+        module = net.get_submodule(name)
+        original = module.parametrizations.weight.original
+        any_grad |= bool((original.grad[mask] != 0).any())
+        assert torch.count_nonzero(module.weight[~mask]) == 0, name
+        assert torch.count_nonzero(original.grad[~mask]) == 0, name
+        assert (module.weight[mask] != 0).all(), name
+    assert any_grad
+
+
+def test_apply_weight_masks_rejects_bad_shape_and_name():
+    net, _, masks = _compact_with_masks()
+    with pytest.raises(ValueError, match='conv_first'):
+        apply_weight_masks(net, {'conv_first': torch.ones(6, 3, 1, 1, dtype=torch.bool)})
+    with pytest.raises(KeyError, match='nope'):
+        apply_weight_masks(net, {'nope': masks['conv_first']})
+
+
+def test_plain_state_dict_loads_into_plain_lsrb():
+    net, opt, masks = _compact_with_masks(seed=1)
+    apply_weight_masks(net, masks)
+    net.eval()
+    state = plain_state_dict(net)
+    assert not any('parametrizations' in k for k in state)
+    fresh = build_network(dict(opt)).eval()
+    assert set(state) == set(fresh.state_dict())
+    fresh.load_state_dict(state, strict=True)
+    for name, mask in masks.items():
+        assert torch.count_nonzero(fresh.get_submodule(name).weight[~mask]) == 0
+    x = torch.randn(1, 3, 17, 15)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net(x))
+
+
+# ---------------------------------------------------------------- export.py
+
+
+def test_export_round_trip(tmp_path, pruned_finalized):
+    _, compact, opt, masks = pruned_finalized
+    import copy
+    net = copy.deepcopy(compact)
+    apply_weight_masks(net, masks)
+    net.eval()
+    out = tmp_path / 'export'
+    paths = save_compact(str(out), net, opt, masks)
+    files = sorted(os.listdir(out))
+    assert files == ['net_g.safetensors', 'network_g.yml', 'weight_masks.safetensors']
+    assert set(paths) == {'weights', 'masks', 'options'}
+    for name in files:
+        if name.endswith('.safetensors'):
+            raw = (out / name).read_bytes()
+            header_len = int.from_bytes(raw[:8], 'little')
+            assert raw[8:9] == b'{' and 0 < header_len < len(raw)   # safetensors header, not pickle / zip
+            assert raw[:2] != b'PK' and raw[0] != 0x80
+    loaded, loaded_opt, loaded_masks = load_compact(str(out))
+    assert loaded_opt == opt
+    assert type(loaded).__name__ == 'LSRB' and not loaded.training
+    assert set(loaded_masks) == set(masks)
+    for name in masks:
+        assert loaded_masks[name].dtype == torch.bool and torch.equal(loaded_masks[name], masks[name])
+    x = torch.randn(1, 3, 18, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+        assert torch.equal(loaded(x), compact(x))
+    # loading the weights file path directly works too
+    again, _, _ = load_compact(str(out / 'net_g.safetensors'))
+    with torch.no_grad():
+        assert torch.equal(again(x), net(x))
+    import yaml
+    assert yaml.safe_load((out / 'network_g.yml').read_text()) == opt
+
+
+def test_export_without_masks(tmp_path):
+    net, opt, _ = _compact_with_masks()
+    save_compact(str(tmp_path), net, opt)
+    assert sorted(os.listdir(tmp_path)) == ['net_g.safetensors', 'network_g.yml']
+    _, _, masks = load_compact(str(tmp_path))
+    assert masks is None
+
+
+def test_load_compact_missing_raises(tmp_path):
+    empty = tmp_path / 'nothing_here'
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match='nothing_here'):
+        load_compact(str(empty))
+    with pytest.raises(FileNotFoundError, match='missing.safetensors'):
+        load_compact(str(tmp_path / 'missing.safetensors'))
