@@ -43,11 +43,13 @@ def init_dist(launcher, backend=None, **kwargs):
     Args:
         launcher (str): ``'pytorch'`` (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
             or ``'slurm'`` (SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST are read).
-        backend (str | None): ``'nccl'`` or ``'gloo'``; None picks :func:`dist_backend`.
+        backend (str | None): ``'nccl'`` or ``'gloo'``; None picks :func:`dist_backend`. NCCL asked
+            for on a machine without CUDA (option files say ``dist_params.backend: nccl``) falls back
+            to gloo with a warning.
         **kwargs: ``port`` for slurm; anything else goes to ``init_process_group``.
 
     Raises:
-        ValueError: unknown launcher, or NCCL asked for on a machine without CUDA.
+        ValueError: unknown launcher.
         KeyError: a variable the launcher must set is missing (its name is in the message).
     """
     import subprocess
@@ -57,7 +59,9 @@ def init_dist(launcher, backend=None, **kwargs):
 
     backend = backend or dist_backend()
     if backend == 'nccl' and not torch.cuda.is_available():
-        raise ValueError("dist backend 'nccl' needs CUDA; this machine has none: use backend 'gloo'")
+        import warnings
+        warnings.warn("dist_params.backend 'nccl' needs CUDA and this machine has none: using 'gloo'")
+        backend = 'gloo'
     if launcher == 'pytorch':
         for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
             if key not in os.environ:

@@ -14,7 +14,6 @@ The run has two stages (FMP Sec. 3.4, 4.4; DHP's search-then-finetune):
    switch and again at every checkpoint of the fine-tune stage (so it always holds the latest one).
 """
 import copy
-import json
 import os
 from collections import OrderedDict
 
@@ -28,7 +27,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from fmpsr.pruning import (FMPConfig, FMPPruner, HyperNetwork, apply_weight_masks, build_grouping, finalize,
                            save_compact, trace_conv_specs)
-from fmpsr.pruning.export import atomic_write
+from fmpsr.pruning.export import atomic_write, write_json
 from .pruned_sr_model import PrunedSRModel, check_scale, load_checkpoint
 
 PRUNE, FINETUNE = 'prune', 'finetune'
@@ -121,7 +120,8 @@ class FMPModel(PrunedSRModel):
 
     def setup_optimizers(self, optim_opt=None):
         """Prune stage: one optimiser, three parameter groups (hypernetwork with weight decay alpha;
-        channel vectors and weight indicators without). Fine-tune stage: as PrunedSRModel."""
+        channel vectors and weight indicators without); Adam is fused unless ``optim_g`` says
+        ``fused`` or ``foreach``. Fine-tune stage: as PrunedSRModel."""
         if self.stage != PRUNE:
             return super().setup_optimizers(optim_opt)
         optim_opt = copy.deepcopy(optim_opt or self.opt['train']['optim_g'])
@@ -133,6 +133,10 @@ class FMPModel(PrunedSRModel):
             {'params': groups['hyper'], 'lr': lr, 'weight_decay': weight_decay, 'name': 'hyper'},
             {'params': groups['channel'], 'lr': lr * self.config.channel_lr_mult, 'weight_decay': 0, 'name': 'channel'},
             {'params': groups['weight'], 'lr': lr * self.config.weight_lr_mult, 'weight_decay': 0, 'name': 'weight'}]
+        if optim_type == 'Adam' and not {'fused', 'foreach'} & set(optim_opt):
+            # the hypernetwork has ~13x the plain network's parameters: Adam's per-tensor loop costs
+            # more than the weight generation (scripts/benchmark/fmp_step_overhead.py)
+            optim_opt['fused'] = True
         self.optimizer_g = self.get_optimizer(optim_type, param_groups, lr, **optim_opt)
         self.optimizers = [self.optimizer_g]
 
@@ -209,8 +213,7 @@ class FMPModel(PrunedSRModel):
         info = {'switch_iter': self.switch_iter, 'exported_at_iter': current_iter, 'network_g': self.compact_network_opt, 'ratios': self.final_ratios,
                 'pruning': {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.config).items()},
                 'files': paths}
-        atomic_write(os.path.join(out_dir, 'pruning.json'),
-                     lambda p: open(p, 'w').write(json.dumps(info, indent=2)))
+        write_json(os.path.join(out_dir, 'pruning.json'), info)
         get_root_logger().info(f'Exported the compact network to {out_dir}')
 
     # ---- logging ----

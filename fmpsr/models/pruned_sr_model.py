@@ -15,7 +15,7 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from fmpsr.pruning import apply_weight_masks, get_weight_masks, plain_state_dict
-from fmpsr.pruning.export import MASKS_FILE, atomic_write, load_state, read_network_options
+from fmpsr.pruning.export import MASKS_FILE, atomic_write, load_state, read_network_options, write_json
 
 
 def load_checkpoint(path):
@@ -75,6 +75,10 @@ class PrunedSRModel(SRModel):
         checkpoint = load_checkpoint(load_path) if load_path else None
         network_opt = opt.get('network_g') or (checkpoint or {}).get('network_g')
         if checkpoint and checkpoint.get('network_g'):
+            if opt.get('network_g') and opt['network_g'] != checkpoint['network_g']:
+                get_root_logger().warning(
+                    f'network_g of the option file {opt["network_g"]} differs from the one {load_path!r} '
+                    f'was pruned to; using the checkpoint\'s: {checkpoint["network_g"]}')
             network_opt = checkpoint['network_g']  # a pruned checkpoint knows its own widths
         if not network_opt:
             raise ValueError('network_g: not given in the option file and the checkpoint '
@@ -190,7 +194,7 @@ class PrunedSRModel(SRModel):
                 with open(path) as f:
                     results = json.load(f)
             results[dataloader.dataset.opt['name']] = {k: float(v) for k, v in self.metric_results.items()}
-            atomic_write(path, lambda p: open(p, 'w').write(json.dumps(results, indent=2)))
+            write_json(path, results)
 
     # ---- checkpoints ----
     def compact_checkpoint(self):

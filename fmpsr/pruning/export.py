@@ -44,6 +44,14 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def write_json(path, obj):
+    """Write ``obj`` as indented JSON to ``path`` atomically (see :func:`atomic_write`)."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
 def save_compact(out_dir, net, network_opt, masks=None):
     """Export a compact network (see the module docstring).
 

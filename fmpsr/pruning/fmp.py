@@ -157,15 +157,13 @@ class FMPPruner:
         convs = [conv for _, conv in self.hyper.hyper_convs()]
         if self.weight_frozen or self.config.lambda_w == 0:
             return convs[0].weight_indicator.sum() * 0.0
-        total = 0.0
-        for conv in convs:
-            z_w = conv.weight_indicator * conv.keep_mask()
-            if self.config.weight_reg == 'l1':
-                total = total + z_w.abs().sum()
-            elif self.config.weight_reg == 'l2':
-                total = total + z_w.pow(2).sum().add(1e-12).sqrt()
-            else:
-                total = total + 0.5 * z_w.pow(2).sum()
+        kept = [(conv.weight_indicator * conv.keep_mask()).flatten() for conv in convs]
+        if self.config.weight_reg == 'l1':
+            total = torch.cat(kept).abs().sum()
+        elif self.config.weight_reg == 'l2':
+            total = sum(z_w.pow(2).sum().add(1e-12).sqrt() for z_w in kept)
+        else:
+            total = 0.5 * torch.cat(kept).pow(2).sum()
         if self.config.weight_reg_reduction == 'mean':
             total = total / sum(conv.weight_indicator.numel() for conv in convs)
         return self.config.lambda_w * total
@@ -219,13 +217,12 @@ class FMPPruner:
             keep = conv.keep_mask()
             spec = self.specs[name]
             floor = min(self.config.min_channels * spec.kernel_area, int(keep.sum()))
-            magnitude = conv.weight_indicator.detach().abs().masked_fill(~keep, float('inf')).flatten()
-            candidate = magnitude < self.config.weight_threshold
-            kept_values = magnitude[keep.flatten()]
-            if floor > 0 and kept_values.numel() > 0:
-                # the `floor` largest kept indicators are never pruned
-                cutoff = kept_values.topk(floor).values[-1]
-                candidate &= magnitude < cutoff
+            magnitude = conv.weight_indicator.detach().abs().flatten()
+            candidate = keep.flatten() & (magnitude < self.config.weight_threshold)
+            if floor > 0:
+                # the `floor` largest kept indicators are never pruned (by index, so ties cannot block)
+                ranked = magnitude.masked_fill(~keep.flatten(), -1.0)
+                candidate[ranked.topk(floor).indices] = False
             idx = candidate.nonzero().flatten()
             if idx.numel() == 0:
                 continue

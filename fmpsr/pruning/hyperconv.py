@@ -77,7 +77,8 @@ class ChannelVector(nn.Module):
         if not self.prunable:
             return 0
         before = self.kept()
-        magnitude = self.z.detach().abs() * self.mask
+        # pruned entries rank below every kept one, so the floor only ever picks kept channels
+        magnitude = self.z.detach().abs().masked_fill(~self.mask, -1.0)
         keep = (magnitude >= prune_threshold) & self.mask
         floor = min(min_channels, before)
         if int(keep.sum()) < floor:
@@ -93,12 +94,13 @@ class HyperConv2d(nn.Module):
 
     With kernel [c_out, c_in, kh, kw], embedding size m and k = kh*kw (FMP Eqs. 1-2, DHP):
 
-    * ``M = z_in z_out^T + B0``                       (c_in, c_out)
-    * ``E = M[..., None] * W1 + B1``                  (c_in, c_out, m)
-    * ``O = W2 @ E[..., None] + B2``                  (c_in, c_out, k)
-    * ``weight = O.permute -> (c_out, c_in, kh, kw) * Z_W * masks``
+    * ``M = z_out z_in^T + B0``                       (c_out, c_in)
+    * ``E = M[..., None] * W1 + B1``                  (c_out, c_in, m)
+    * ``O = W2 @ E[..., None] + B2``                  (c_out, c_in, k)
+    * ``weight = O.view(c_out, c_in, kh, kw) * Z_W * masks``
 
-    computed for all (i, j) pairs at once. The bias is an ordinary parameter (c_out,), masked by the
+    computed for all (i, j) pairs at once. The tensors are stored output-channel first (DHP stores
+    them input first), so the weight is a view of O with no transpose copy; the function is the same. The bias is an ordinary parameter (c_out,), masked by the
     output vector's mask. The hypernetwork costs ``c_in*c_out*(1 + 2m + k*(m+1))`` training-time
     parameters (98 per pair for 3x3, m=8); they are not part of the pruned model's size.
 
@@ -128,11 +130,11 @@ class HyperConv2d(nn.Module):
         self.embed_dim = m = embed_dim
         k = self.kernel_size[0] * self.kernel_size[1]
         bound2 = math.sqrt(3.0 / (m * c_in * k))
-        self.w1 = nn.Parameter(torch.empty(c_in, c_out, m).uniform_(-math.sqrt(3.0), math.sqrt(3.0)))
-        self.w2 = nn.Parameter(torch.empty(c_in, c_out, k, m).uniform_(-bound2, bound2))
-        self.b0 = nn.Parameter(torch.zeros(c_in, c_out))
-        self.b1 = nn.Parameter(torch.zeros(c_in, c_out, m))
-        self.b2 = nn.Parameter(torch.zeros(c_in, c_out, k))
+        self.w1 = nn.Parameter(torch.empty(c_out, c_in, m).uniform_(-math.sqrt(3.0), math.sqrt(3.0)))
+        self.w2 = nn.Parameter(torch.empty(c_out, c_in, k, m).uniform_(-bound2, bound2))
+        self.b0 = nn.Parameter(torch.zeros(c_out, c_in))
+        self.b1 = nn.Parameter(torch.zeros(c_out, c_in, m))
+        self.b2 = nn.Parameter(torch.zeros(c_out, c_in, k))
         self.weight_indicator = nn.Parameter(torch.ones(c_out, c_in, *self.kernel_size))
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
         self.register_buffer('weight_mask', torch.ones(c_out, c_in, *self.kernel_size, dtype=torch.bool))
@@ -154,11 +156,11 @@ class HyperConv2d(nn.Module):
         """The conv weight Z = Z_C * Z_W (FMP Eq. 2), masked; shape (c_out, c_in, kh, kw)."""
         z_in = self.in_vector.z * self.in_vector.mask
         z_out = self.out_vector.z * self.out_vector.mask
-        grid = z_in[:, None] * z_out[None, :] + self.b0                      # (c_in, c_out)
-        embed = grid[..., None] * self.w1 + self.b1                          # (c_in, c_out, m)
-        out = torch.matmul(self.w2, embed[..., None]).squeeze(-1) + self.b2  # (c_in, c_out, k)
-        weight = out.permute(1, 0, 2).reshape(self.out_channels, self.in_channels, *self.kernel_size)
-        return weight * self.weight_indicator * self.keep_mask()
+        grid = torch.addcmul(self.b0, z_out[:, None], z_in[None, :])        # (c_out, c_in)
+        embed = torch.addcmul(self.b1, grid[..., None], self.w1)             # (c_out, c_in, m)
+        out = (self.w2 * embed[:, :, None, :]).sum(-1) + self.b2             # (c_out, c_in, k)
+        weight = out.view(self.out_channels, self.in_channels, *self.kernel_size)
+        return weight * (self.weight_indicator * self.keep_mask())
 
     def generate_bias(self):
         """The masked bias, shape (c_out,), or None."""

@@ -66,6 +66,9 @@ def parse_args(argv=None):
     parser.add_argument('--breakdown', action='store_true',
                         help='on CUDA, synchronise between phases to report per-phase times '
                              '(always reported on CPU, where it costs nothing)')
+    parser.add_argument('--optimizer', choices=['fused', 'foreach', 'for-loop'], default='fused',
+                        help="Adam implementation for BOTH networks (default 'fused', what FMPModel uses "
+                             "when optim_g does not choose)")
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
@@ -126,11 +129,17 @@ class Stepper:
         return time.perf_counter() - start
 
 
+def adam_kwargs(implementation):
+    """Keyword arguments that select Adam's implementation ('fused', 'foreach' or 'for-loop')."""
+    return {'fused': {'fused': True}, 'foreach': {'foreach': True}, 'for-loop': {'foreach': False}}[implementation]
+
+
 class DenseStep(Stepper):
-    def __init__(self, net, lr, device, phases):
+    def __init__(self, net, lr, device, phases, optimizer='fused'):
         super().__init__(device, phases)
         self.net = net
-        self.optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0)
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0,
+                                          **adam_kwargs(optimizer))
 
     def step(self, lq, gt, t):
         self.optimizer.zero_grad()
@@ -146,7 +155,7 @@ class DenseStep(Stepper):
 class FMPStep(Stepper):
     """Mirrors ``FMPModel.setup_optimizers`` and the per-iteration part of ``optimize_parameters``."""
 
-    def __init__(self, hyper, pruner, lr, device, phases):
+    def __init__(self, hyper, pruner, lr, device, phases, optimizer='fused'):
         super().__init__(device, phases)
         self.hyper, self.pruner = hyper, pruner
         config = pruner.config
@@ -155,7 +164,7 @@ class FMPStep(Stepper):
             {'params': groups['hyper'], 'lr': lr, 'weight_decay': 0, 'name': 'hyper'},
             {'params': groups['channel'], 'lr': lr * config.channel_lr_mult, 'weight_decay': 0, 'name': 'channel'},
             {'params': groups['weight'], 'lr': lr * config.weight_lr_mult, 'weight_decay': 0, 'name': 'weight'}]
-        self.optimizer = torch.optim.Adam(param_groups, lr=lr, betas=(0.9, 0.999))
+        self.optimizer = torch.optim.Adam(param_groups, lr=lr, betas=(0.9, 0.999), **adam_kwargs(optimizer))
 
     def channel_lr(self):
         return next(g['lr'] for g in self.optimizer.param_groups if g.get('name') == 'channel')
@@ -209,8 +218,8 @@ def run(args):
     with contextlib.redirect_stdout(sys.stderr):   # keep stdout for the JSON line
         dense, hyper, pruner, config, lq, gt = build(args, device)
     phases = device.type == 'cpu' or args.breakdown
-    dense_step = DenseStep(dense, args.lr, device, phases)
-    fmp_step = FMPStep(hyper, pruner, args.lr, device, phases)
+    dense_step = DenseStep(dense, args.lr, device, phases, args.optimizer)
+    fmp_step = FMPStep(hyper, pruner, args.lr, device, phases, args.optimizer)
 
     for _ in range(args.warmup):
         dense_step.timed(lq, gt)
@@ -244,7 +253,7 @@ def run(args):
         'threads': torch.get_num_threads(),
         'config': {'arch': 'LSRB', 'batch': args.batch, 'patch': args.patch, 'num_feat': args.num_feat,
                    'num_block': args.num_block, 'scale': args.scale, 'steps': args.steps,
-                   'warmup': args.warmup, 'lr': args.lr, 'embed_dim': config.embed_dim,
+                   'warmup': args.warmup, 'lr': args.lr, 'optimizer': args.optimizer, 'embed_dim': config.embed_dim,
                    'check_freq': config.check_freq, 'quick': args.quick},
         'params': {'dense': sum(p.numel() for p in dense.parameters()),
                    'fmp_trainable': sum(p.numel() for p in hyper.parameters())},
