@@ -28,7 +28,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from fmpsr.pruning import (FMPConfig, FMPPruner, HyperNetwork, apply_weight_masks, build_grouping, finalize,
                            save_compact, trace_conv_specs)
 from fmpsr.pruning.export import atomic_write, write_json
-from .pruned_sr_model import PrunedSRModel, check_scale, load_checkpoint
+from .pruned_sr_model import PrunedSRModel, load_checkpoint
 
 PRUNE, FINETUNE = 'prune', 'finetune'
 ESA_MIN_LR_SIZE = 15
@@ -58,16 +58,32 @@ class FMPModel(PrunedSRModel):
         KeyError: no channel grouping for ``network_g.type``.
     """
 
-    def __init__(self, opt):
-        BaseModel.__init__(self, opt)
-        self.config = FMPConfig.from_options(opt.get('pruning'))
-        check_scale(opt)
-        if self.is_train:
+    @classmethod
+    def check_options(cls, opt):
+        """Check the option file before anything runs (called by :mod:`fmpsr.pipeline`).
+
+        Returns:
+            FMPConfig: the parsed ``pruning`` section.
+
+        Raises:
+            ValueError: see the class docstring; the message names the key and value.
+        """
+        super().check_options(opt)
+        config = FMPConfig.from_options(opt.get('pruning'))
+        if opt.get('is_train'):
             check_patch_size(opt)
             total_iter = int(opt['train']['total_iter'])
-            if self.config.max_prune_iter >= total_iter:
-                raise ValueError(f'pruning.max_prune_iter ({self.config.max_prune_iter}) must be below '
+            if config.max_prune_iter >= total_iter:
+                raise ValueError(f'pruning.max_prune_iter ({config.max_prune_iter}) must be below '
                                  f'train.total_iter ({total_iter}) to leave iterations for fine-tuning')
+            unknown = sorted(set(opt['train'].get('finetune') or {}) - {'optim_g', 'scheduler'})
+            if unknown:
+                raise ValueError(f'train.finetune: unknown key(s) {unknown} (known: optim_g, scheduler)')
+        return config
+
+    def __init__(self, opt):
+        BaseModel.__init__(self, opt)
+        self.config = self.check_options(opt)
         self.switch_iter = None
         self.final_ratios = None
         self._tb = None
@@ -111,9 +127,6 @@ class FMPModel(PrunedSRModel):
     def stage_training_settings(self):
         """Optimiser and scheduler of the fine-tune stage (``train.finetune`` overrides)."""
         finetune = self.opt['train'].get('finetune') or {}
-        unknown = sorted(set(finetune) - {'optim_g', 'scheduler'})
-        if unknown:
-            raise ValueError(f'train.finetune: unknown key(s) {unknown} (known: optim_g, scheduler)')
         PrunedSRModel.init_training_settings(self)
         self.setup_optimizers(finetune.get('optim_g'))
         self.setup_schedulers(finetune.get('scheduler'))

@@ -68,9 +68,20 @@ class PrunedSRModel(SRModel):
         FileNotFoundError: a checkpoint or mask file that does not exist (named).
     """
 
+    @classmethod
+    def check_options(cls, opt):
+        """Check the option file before anything runs (called by :mod:`fmpsr.pipeline`).
+
+        Raises:
+            ValueError: ``network_g.upscale`` != ``scale``; ``train.ema_decay`` > 0.
+        """
+        check_scale(opt)
+        if opt.get('is_train') and (opt.get('train') or {}).get('ema_decay', 0) > 0:
+            raise ValueError('train.ema_decay > 0 is not supported by fmpsr models; remove it')
+
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
-        check_scale(opt)
+        self.check_options(opt)
         load_path = self.opt['path'].get('pretrain_network_g')
         checkpoint = load_checkpoint(load_path) if load_path else None
         network_opt = opt.get('network_g') or (checkpoint or {}).get('network_g')
@@ -111,8 +122,6 @@ class PrunedSRModel(SRModel):
     def init_training_settings(self):
         self.net_g.train()
         train_opt = self.opt['train']
-        if train_opt.get('ema_decay', 0) > 0:
-            raise ValueError('train.ema_decay > 0 is not supported by fmpsr models; remove it')
         self.cri_pix = build_loss(copy.deepcopy(train_opt['pixel_opt'])).to(self.device) \
             if train_opt.get('pixel_opt') else None
         self.cri_perceptual = build_loss(copy.deepcopy(train_opt['perceptual_opt'])).to(self.device) \

@@ -1,0 +1,85 @@
+"""What fmpsr adds to BasicSR's ``train_pipeline`` / ``test_pipeline`` (installed by ``import fmpsr``).
+
+* Options are checked right after parsing, before any experiment folder is made or renamed: the
+  model class's ``check_options(opt)`` (unknown pruning keys, bad targets, scale mismatch, ...) and
+  every paired data set (:mod:`fmpsr.data.checks`).
+* The training set is wrapped in :class:`~fmpsr.data.sampling.SeededDataset` and sampled by
+  :class:`~fmpsr.data.sampling.ResumableSampler`: augmentations depend only on (manual_seed, epoch,
+  index), and a resumed run skips the samples its killed predecessor consumed in that epoch, so it
+  sees exactly the batches an uninterrupted run would. ``torchrun`` ranks together see the batches
+  of a single process with the same global batch.
+* The resume state is found and loaded with :func:`fmpsr.compat.load_resume_state` (CPU-safe,
+  ``weights_only``).
+"""
+import basicsr.test
+import basicsr.train
+from basicsr.utils.registry import MODEL_REGISTRY
+
+from .compat import load_resume_state
+from .data.checks import check_datasets
+from .data.sampling import ResumableSampler, SeededDataset
+
+_STATE = {'seed': None, 'resume': None}
+_ORIGINAL = {}
+
+
+def check_options(opt):
+    """Run the model class's ``check_options`` (if it has one) and the data set checks.
+
+    Raises:
+        ValueError (and subclasses): naming the key, folder or file at fault.
+        KeyError: an unknown ``model_type``.
+    """
+    model_cls = MODEL_REGISTRY.get(opt['model_type'])
+    if hasattr(model_cls, 'check_options'):
+        model_cls.check_options(opt)
+    check_datasets(opt)
+
+
+def _parse_options(parse):
+    def parse_and_check(root_path, is_train=True):
+        opt, args = parse(root_path, is_train=is_train)
+        check_options(opt)
+        return opt, args
+    return parse_and_check
+
+
+def _load_resume_state(opt):
+    state = load_resume_state(opt)
+    _STATE['resume'] = None if state is None else (int(state['iter']), int(state['epoch']))
+    return state
+
+
+def _build_dataset(dataset_opt):
+    dataset = _ORIGINAL['build_dataset'](dataset_opt)
+    if dataset_opt.get('phase') == 'train':
+        dataset = SeededDataset(dataset, _STATE['seed'])
+    return dataset
+
+
+def _create_train_val_dataloader(opt, logger):
+    _STATE['seed'] = opt.get('manual_seed') or 0
+    result = _ORIGINAL['create_train_val_dataloader'](opt, logger)
+    train_loader, train_sampler = result[0], result[1]
+    if _STATE['resume'] is not None and train_loader is not None:
+        resume_iter, resume_epoch = _STATE['resume']
+        consumed = resume_iter - resume_epoch * len(train_loader)
+        if 0 < consumed <= len(train_loader):
+            train_sampler.skip = consumed * train_loader.batch_size
+            logger.info(f'Resume: skipping the {consumed} batches of epoch {resume_epoch} '
+                        f'that iterations up to {resume_iter} consumed')
+    return result
+
+
+def install():
+    """Install the hooks above into ``basicsr.train`` / ``basicsr.test`` (idempotent)."""
+    if _ORIGINAL:
+        return
+    _ORIGINAL.update(build_dataset=basicsr.train.build_dataset,
+                     create_train_val_dataloader=basicsr.train.create_train_val_dataloader)
+    basicsr.train.parse_options = _parse_options(basicsr.train.parse_options)
+    basicsr.test.parse_options = _parse_options(basicsr.test.parse_options)
+    basicsr.train.load_resume_state = _load_resume_state
+    basicsr.train.build_dataset = _build_dataset
+    basicsr.train.EnlargedSampler = ResumableSampler
+    basicsr.train.create_train_val_dataloader = _create_train_val_dataloader
