@@ -19,7 +19,7 @@ from .compat import load_resume_state
 from .data.checks import check_datasets
 from .data.sampling import ResumableSampler, SeededDataset
 
-_STATE = {'seed': None, 'resume': None}
+_STATE = {'seed': None, 'resume': None, 'sampler': None}
 _ORIGINAL = {}
 
 
@@ -61,14 +61,21 @@ def _create_train_val_dataloader(opt, logger):
     _STATE['seed'] = opt.get('manual_seed') or 0
     result = _ORIGINAL['create_train_val_dataloader'](opt, logger)
     train_loader, train_sampler = result[0], result[1]
+    _STATE['sampler'] = train_sampler
     if _STATE['resume'] is not None and train_loader is not None:
         resume_iter, resume_epoch = _STATE['resume']
         consumed = resume_iter - resume_epoch * len(train_loader)
         if 0 < consumed <= len(train_loader):
-            train_sampler.skip = consumed * train_loader.batch_size
+            train_sampler.resume_from(resume_epoch, consumed * train_loader.batch_size)
             logger.info(f'Resume: skipping the {consumed} batches of epoch {resume_epoch} '
                         f'that iterations up to {resume_iter} consumed')
     return result
+
+
+def current_epoch():
+    """The epoch BasicSR's training loop is in (from the training sampler), or None outside it."""
+    sampler = _STATE['sampler']
+    return None if sampler is None else sampler.epoch
 
 
 def install():

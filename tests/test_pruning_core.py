@@ -7,6 +7,8 @@ MAC); pruned counts from the weights that are exactly zero. Nothing here uses
 """
 import os
 
+import tempfile
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -554,6 +556,10 @@ def test_property_counts_equal_compact_network(case):
             conv.weight_mask.copy_(torch.rand(conv.weight_mask.shape, generator=g) >= weight_p)
     compact, compact_opt, masks = finalize(hyper, build_network)
     assert compact_opt['num_feat'] == int(hyper.channel_vectors['stream'].mask.sum())
+    # count on the exported network: safetensors written and read back, rebuilt from its options
+    with tempfile.TemporaryDirectory() as folder:
+        save_compact(folder, compact, compact_opt, masks)
+        compact, compact_opt, masks = load_compact(folder)
     ratios = hypernetwork_ratios(hyper, trace_conv_specs(build_network(dict(opt)), lr_size))
     ind = independent_counts(opt, compact, lr_size, flop_counter=False)
     check_ratios_against_independent(ratios, ind)

@@ -30,21 +30,30 @@ class SampleKey(NamedTuple):
 class ResumableSampler(EnlargedSampler):
     """``EnlargedSampler`` (same permutation per epoch) yielding :class:`SampleKey` and able to skip.
 
-    Attributes:
-        skip (int): samples of this rank to leave out at the start of the next ``__iter__`` (then
-            reset to 0): set on resume to the samples already consumed in the resumed epoch.
+    Call :meth:`resume_from` on resume. Every ``__iter__`` of that epoch leaves out the consumed
+    samples (BasicSR's prefetcher makes, and discards, one iterator before its loop starts), until
+    ``set_epoch`` moves to another epoch.
     """
 
     def __init__(self, dataset, num_replicas, rank, ratio=1):
         super().__init__(dataset, num_replicas, rank, ratio)
-        self.skip = 0
+        self.resume = None
+
+    def resume_from(self, epoch, consumed):
+        """Leave out the first ``consumed`` samples (of this rank) of epoch ``epoch``."""
+        self.resume = (int(epoch), int(consumed))
+
+    def set_epoch(self, epoch):
+        super().set_epoch(epoch)
+        if self.resume is not None and self.resume[0] != epoch:
+            self.resume = None
 
     def __iter__(self):
         g = torch.Generator()
         g.manual_seed(self.epoch)
         indices = torch.randperm(self.total_size, generator=g).tolist()
         indices = indices[self.rank:self.total_size:self.num_replicas]
-        skip, self.skip = self.skip, 0
+        skip = self.resume[1] if self.resume is not None and self.resume[0] == self.epoch else 0
         return iter([SampleKey(self.epoch, v) for v in indices[skip:]])
 
 

@@ -28,6 +28,8 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from fmpsr.pruning import (FMPConfig, FMPPruner, HyperNetwork, apply_weight_masks, build_grouping, finalize,
                            save_compact, trace_conv_specs)
 from fmpsr.pruning.export import atomic_write, write_json
+from fmpsr.pipeline import current_epoch
+
 from .pruned_sr_model import PrunedSRModel, load_checkpoint
 
 PRUNE, FINETUNE = 'prune', 'finetune'
@@ -175,10 +177,42 @@ class FMPModel(PrunedSRModel):
         cap = current_iter >= self.config.max_prune_iter
         if current_iter % self.config.check_freq == 0 or cap:
             self.pruner.check()
+            self.check_ranks_agree(current_iter)
             self.log_pruning(current_iter)
             if self.pruner.converged or cap:
                 self.switch_to_finetune(current_iter, converged=self.pruner.converged)
         self.log_dict.update(self.ratio_log())
+
+    @torch.no_grad()
+    def check_ranks_agree(self, current_iter):
+        """With several processes, verify that every rank holds bit-identical channel vectors, weight
+        indicators and masks, and the same convergence state (all-gather of integer checksums).
+
+        Raises:
+            RuntimeError: the ranks disagree (names the iteration and the checksums).
+        """
+        if not self.opt['dist']:
+            return
+        import torch.distributed as dist
+        hyper = self.hypernetwork
+        tensors = [v.z for v in hyper.channel_vectors.values()] + [v.mask for v in hyper.channel_vectors.values()]
+        for _, conv in hyper.hyper_convs():
+            tensors += [conv.weight_indicator, conv.weight_mask]
+        checksum = torch.zeros(len(tensors) + 3, dtype=torch.int64, device=self.device)
+        for i, t in enumerate(tensors):
+            bits = t.detach().view(torch.int32) if t.dtype == torch.float32 else t.detach().to(torch.int32)
+            weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)
+            checksum[i] = (bits.flatten().to(torch.int64) * weights).sum()
+        checksum[-3:] = torch.tensor([self.pruner.converged, self.pruner.channel_frozen, self.pruner.weight_frozen],
+                                     dtype=torch.int64, device=self.device)
+        gathered = [torch.zeros_like(checksum) for _ in range(self.opt['world_size'])]
+        dist.all_gather(gathered, checksum)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f'ranks disagree on channel vectors / indicators / masks at iteration {current_iter}: '
+                               f'checksums {[g.sum().item() for g in gathered]}')
+        if self.opt['rank'] == 0:
+            get_root_logger().info(f'[prune iter {current_iter}] all {self.opt["world_size"]} ranks agree '
+                                   'bit for bit on channel vectors, weight indicators and masks')
 
     def ratio_log(self):
         """Channel / weight / total ratios in the pruning metric, for the message logger."""
@@ -213,6 +247,9 @@ class FMPModel(PrunedSRModel):
         self.stage_training_settings()
         logger.info(f'Pruning stage ended at iteration {current_iter} '
                     f'({"converged" if converged else "iteration cap"}); compact network_g: {network_opt}')
+        epoch = current_epoch()
+        if epoch is not None and self.is_train:  # a checkpoint at the switch, so a crash never repeats it
+            self.save(epoch, current_iter)
         self.export(current_iter)
 
     @master_only

@@ -1,0 +1,20 @@
+"""The step-overhead benchmark runs and reports consistent JSON (no timing is asserted here: speed
+targets are read off the script's own output on a quiet machine, see scripts/benchmark/README.md)."""
+import importlib.util
+import json
+import os.path as osp
+
+ROOT = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
+
+
+def test_quick_run_reports_a_consistent_ratio(capsys):
+    spec = importlib.util.spec_from_file_location(
+        'fmp_step_overhead', osp.join(ROOT, 'scripts', 'benchmark', 'fmp_step_overhead.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(['--quick', '--steps', '2', '--warmup', '1', '--check-reps', '1'])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result['benchmark'] == 'fmp_step_overhead' and result['device'] == 'cpu'
+    assert result['ratio'] == round(result['fmp_step_s_median'] / result['dense_step_s_median'], 4)
+    assert result['pass'] == (result['ratio'] <= result['target'])
+    assert result['params']['fmp_trainable'] > result['params']['dense']
