@@ -22,7 +22,9 @@ from basicsr.archs import build_network
 def fmp_run(data, names, tmp_path_factory):
     name = names('pytest_fmp')
     yml = tmp_path_factory.mktemp('opt') / 'fmp.yml'
-    opt = write_options(yml, name, data)
+    finetune = {'optim_g': {'type': 'Adam', 'lr': 4e-4, 'betas': [0.9, 0.99]},
+                'scheduler': {'type': 'MultiStepLR', 'milestones': [1000], 'gamma': 0.5}}
+    opt = write_options(yml, name, data, extra={'train.finetune': finetune})
     run([sys.executable, 'fmpsr/train.py', '-opt', str(yml)])
     return {'name': name, 'yml': yml, 'opt': opt, 'exp': osp.join(ROOT, 'experiments', name)}
 
@@ -88,6 +90,9 @@ def test_fmp_checkpoints_and_state(fmp_run):
     assert state['fmp']['stage'] == 'prune' and state['fmp']['pruner'] is not None
     state = torch.load(osp.join(fmp_run['exp'], 'training_states', '40.state'), weights_only=True)
     assert state['fmp']['stage'] == 'finetune'
+    # the fine-tune stage runs with train.finetune's optimiser: one group, lr 4e-4, betas (0.9, 0.99)
+    groups = state['optimizers'][0]['param_groups']
+    assert len(groups) == 1 and groups[0]['lr'] == 4e-4 and tuple(groups[0]['betas']) == (0.9, 0.99)
 
 
 def test_test_py_scores_the_export(fmp_run, data, names, tmp_path):

@@ -349,3 +349,39 @@ def test_unreachable_target_ends_at_the_cap_and_keeps_what_it_has(tmp_path, data
     with open(exp / 'export' / 'pruning.json') as f:
         info = yaml.safe_load(f)
     assert info['ratios']['converged'] is False and info['network_g']['num_feat'] == 12
+
+
+def test_finetune_model_resumes_exactly_after_sigkill(reference, data, names, tmp_path):
+    """PrunedSRModel (fine-tuning an export) resumes to the same result as an uninterrupted run."""
+    export = osp.join(ROOT, 'experiments', reference['name'], 'export', 'net_g.safetensors')
+    extra = {'path.pretrain_network_g': export, 'train.total_iter': 30, 'logger.save_checkpoint_freq': 10,
+             'datasets.train.num_worker_per_gpu': 1}
+    results = {}
+    for kind in ('uninterrupted', 'killed'):
+        name = names(f'pytest_ft_{kind}')
+        yml = tmp_path / f'{kind}.yml'
+        write_options(yml, name, data, model_type='PrunedSRModel', extra=extra)
+        args = [sys.executable, 'fmpsr/train.py', '-opt', str(yml), '--auto_resume']
+        if kind == 'killed':
+            assert kill_when(args, osp.join(ROOT, 'experiments', name, 'training_states', '10.state'))
+        run(args)
+        checkpoint = torch.load(osp.join(ROOT, 'experiments', name, 'models', 'net_g_latest.pth'), weights_only=True)
+        results[kind] = checkpoint
+    a, b = results['uninterrupted'], results['killed']
+    assert a['fmp_compact']['network_g'] == b['fmp_compact']['network_g']
+    for key in a['params']:
+        assert torch.equal(a['params'][key], b['params'][key]), key
+
+
+def test_slurm_launcher_initialises_without_cuda(tmp_path):
+    """--launcher slurm's set-up (fmpsr.compat.init_dist) on a CPU machine: gloo, one task."""
+    script = ("import fmpsr, torch.distributed as dist\n"
+              "from fmpsr.compat import init_dist\n"
+              "init_dist('slurm', backend='nccl', port=29561)\n"
+              "print('backend', dist.get_backend(), 'rank', dist.get_rank(), 'world', dist.get_world_size())\n")
+    env = dict(os.environ, SLURM_PROCID='0', SLURM_NTASKS='1', SLURM_NODELIST='localhost',
+               MASTER_ADDR='127.0.0.1', PYTHONWARNINGS='ignore', CUDA_VISIBLE_DEVICES='')
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'backend gloo rank 0 world 1' in result.stdout

@@ -129,9 +129,7 @@ class FMPModel(PrunedSRModel):
     def stage_training_settings(self):
         """Optimiser and scheduler of the fine-tune stage (``train.finetune`` overrides)."""
         finetune = self.opt['train'].get('finetune') or {}
-        PrunedSRModel.init_training_settings(self)
-        self.setup_optimizers(finetune.get('optim_g'))
-        self.setup_schedulers(finetune.get('scheduler'))
+        PrunedSRModel.init_training_settings(self, finetune.get('optim_g'), finetune.get('scheduler'))
 
     def setup_optimizers(self, optim_opt=None):
         """Prune stage: one optimiser, three parameter groups (hypernetwork with weight decay alpha;

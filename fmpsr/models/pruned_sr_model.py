@@ -119,7 +119,8 @@ class PrunedSRModel(SRModel):
         self.print_network(self.net_g)
 
     # ---- training ----
-    def init_training_settings(self):
+    def init_training_settings(self, optim_opt=None, scheduler_opt=None):
+        """Losses, optimiser and scheduler; ``optim_opt`` / ``scheduler_opt`` override ``train``'s."""
         self.net_g.train()
         train_opt = self.opt['train']
         self.cri_pix = build_loss(copy.deepcopy(train_opt['pixel_opt'])).to(self.device) \
@@ -128,8 +129,8 @@ class PrunedSRModel(SRModel):
             if train_opt.get('perceptual_opt') else None
         if self.cri_pix is None and self.cri_perceptual is None:
             raise ValueError('train: both pixel_opt and perceptual_opt are missing; give at least one loss')
-        self.setup_optimizers()
-        self.setup_schedulers()
+        self.setup_optimizers(optim_opt)
+        self.setup_schedulers(scheduler_opt)
 
     def setup_optimizers(self, optim_opt=None):
         """Adam (or what BasicSR's ``get_optimizer`` knows) over the compact network's parameters."""
