@@ -154,18 +154,19 @@ class FMPPruner:
         ('weight_decay') (FMP Eq. 7), divided by the number of indicators N_W when
         ``weight_reg_reduction`` is 'mean'.
         """
-        convs = [conv for _, conv in self.hyper.hyper_convs()]
+        banks = list(self.hyper.bank_members())
         if self.weight_frozen or self.config.lambda_w == 0:
-            return convs[0].weight_indicator.sum() * 0.0
-        kept = [(conv.weight_indicator * conv.keep_mask()).flatten() for conv in convs]
+            return banks[0][0].weight_indicator.sum() * 0.0
+        # kept indicators, one (n, c_out, c_in, kh, kw) tensor per bank of same-shape convs
+        kept = [bank.weight_indicator * torch.stack([c.keep_mask() for c in members]) for bank, members in banks]
         if self.config.weight_reg == 'l1':
-            total = torch.cat(kept).abs().sum()
-        elif self.config.weight_reg == 'l2':
-            total = sum(z_w.pow(2).sum().add(1e-12).sqrt() for z_w in kept)
+            total = sum(z_w.abs().sum() for z_w in kept)
+        elif self.config.weight_reg == 'l2':  # one norm per layer
+            total = sum(z_w.pow(2).flatten(1).sum(1).add(1e-12).sqrt().sum() for z_w in kept)
         else:
-            total = 0.5 * torch.cat(kept).pow(2).sum()
+            total = 0.5 * sum(z_w.pow(2).sum() for z_w in kept)
         if self.config.weight_reg_reduction == 'mean':
-            total = total / sum(conv.weight_indicator.numel() for conv in convs)
+            total = total / sum(bank.weight_indicator.numel() for bank, _ in banks)
         return self.config.lambda_w * total
 
     @torch.no_grad()

@@ -89,6 +89,54 @@ class ChannelVector(nn.Module):
         return before - self.kept()
 
 
+class HyperBank(nn.Module):
+    """Hypernetwork tensors of ``n`` convs of one shape (c_out, c_in, kh, kw), stacked on dim 0.
+
+    Storing the convs of one shape together lets :class:`~fmpsr.pruning.hypernet.HyperNetwork`
+    generate all their weights in one chain of batched ops per shape instead of one chain per
+    conv (a LSRB-6-64 has 51 convs of 8 shapes), which is what keeps FMP's per-step overhead small.
+
+    Parameters (DHP init; output channel first, see :class:`HyperConv2d`):
+        w1 (n, c_out, c_in, m) ~ U(+-sqrt(3)); w2 (n, c_out, c_in, k, m) ~ U(+-sqrt(3 / (m c_in k)));
+        b0 (n, c_out, c_in), b1 (n, c_out, c_in, m), b2 (n, c_out, c_in, k): zeros;
+        weight_indicator (n, c_out, c_in, kh, kw): ones (FMP Eq. 2).
+    """
+
+    def __init__(self, n, out_channels, in_channels, kernel_size, embed_dim=8):
+        super().__init__()
+        kh, kw = kernel_size
+        k, m = kh * kw, embed_dim
+        self.shape = (out_channels, in_channels, kh, kw)
+        bound2 = math.sqrt(3.0 / (m * in_channels * k))
+        self.w1 = nn.Parameter(torch.empty(n, out_channels, in_channels, m).uniform_(-math.sqrt(3.0), math.sqrt(3.0)))
+        self.w2 = nn.Parameter(torch.empty(n, out_channels, in_channels, k, m).uniform_(-bound2, bound2))
+        self.b0 = nn.Parameter(torch.zeros(n, out_channels, in_channels))
+        self.b1 = nn.Parameter(torch.zeros(n, out_channels, in_channels, m))
+        self.b2 = nn.Parameter(torch.zeros(n, out_channels, in_channels, k))
+        self.weight_indicator = nn.Parameter(torch.ones(n, out_channels, in_channels, kh, kw))
+
+    def extra_repr(self):
+        return f'n={self.w1.shape[0]}, shape={self.shape}, embed_dim={self.w1.shape[-1]}'
+
+    def generate(self, z_out, z_in, keep, index=None):
+        """Weights from masked channel vectors (FMP Eqs. 1-2), for all convs or one (``index``).
+
+        Args:
+            z_out (Tensor): (n, c_out) or, with ``index``, (c_out,): masked output vectors.
+            z_in (Tensor): (n, c_in) or (c_in,): masked input vectors.
+            keep (Tensor): bool, (n, c_out, c_in, kh, kw) or (c_out, c_in, kh, kw): kept weights.
+            index (int | None): generate only conv ``index`` of the bank.
+
+        Returns:
+            Tensor: (n, c_out, c_in, kh, kw), or (c_out, c_in, kh, kw) with ``index``.
+        """
+        pick = (lambda t: t) if index is None else (lambda t: t[index])
+        grid = torch.addcmul(pick(self.b0), z_out[..., :, None], z_in[..., None, :])   # (.., c_out, c_in)
+        embed = torch.addcmul(pick(self.b1), grid[..., None], pick(self.w1))           # (.., c_out, c_in, m)
+        out = (pick(self.w2) * embed[..., None, :]).sum(-1) + pick(self.b2)             # (.., c_out, c_in, k)
+        return out.view(*out.shape[:-1], *self.shape[2:]) * (pick(self.weight_indicator) * keep)
+
+
 class HyperConv2d(nn.Module):
     """A conv whose weight a hypernetwork generates from channel vectors and a weight indicator.
 
@@ -100,9 +148,12 @@ class HyperConv2d(nn.Module):
     * ``weight = O.view(c_out, c_in, kh, kw) * Z_W * masks``
 
     computed for all (i, j) pairs at once. The tensors are stored output-channel first (DHP stores
-    them input first), so the weight is a view of O with no transpose copy; the function is the same. The bias is an ordinary parameter (c_out,), masked by the
-    output vector's mask. The hypernetwork costs ``c_in*c_out*(1 + 2m + k*(m+1))`` training-time
-    parameters (98 per pair for 3x3, m=8); they are not part of the pruned model's size.
+    them input first), so the weight is a view of O with no transpose copy; the function is the same.
+    They live in a :class:`HyperBank` shared with the other convs of the same shape; ``w1``, ``w2``,
+    ``b0``, ``b1``, ``b2`` and ``weight_indicator`` are this conv's views of it. The bias is an
+    ordinary parameter (c_out,), masked by the output vector's mask. The hypernetwork costs
+    ``c_in*c_out*(1 + 2m + k*(m+1))`` training-time parameters (98 per pair for 3x3, m=8); they are
+    not part of the pruned model's size.
 
     Args:
         in_vector (ChannelVector): vector of the group this conv reads (size c_in).
@@ -110,16 +161,17 @@ class HyperConv2d(nn.Module):
         kernel_size, stride, padding, dilation: as in ``nn.Conv2d`` (groups=1 only).
         bias (bool): whether the conv has a bias. Default: True.
         embed_dim (int): m, the hypernetwork embedding size (DHP default 8).
+        bank (HyperBank | None), index (int): where this conv's tensors live; None makes a bank of one.
 
     Shapes:
         x: (B, c_in, H, W) -> (B, c_out, H_out, W_out), as ``nn.Conv2d``.
 
-    The vectors are referenced, not registered: the module that owns the groups (see
+    The vectors and the bank are referenced, not registered: the module that owns the groups (see
     :class:`fmpsr.pruning.hypernet.HyperNetwork`) registers them once.
     """
 
     def __init__(self, in_vector, out_vector, kernel_size, stride=1, padding=0, dilation=1, bias=True,
-                 embed_dim=8):
+                 embed_dim=8, bank=None, index=0):
         super().__init__()
         object.__setattr__(self, 'in_vector', in_vector)
         object.__setattr__(self, 'out_vector', out_vector)
@@ -127,24 +179,32 @@ class HyperConv2d(nn.Module):
         self.in_channels, self.out_channels = c_in, c_out
         self.kernel_size = _pair(kernel_size)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.embed_dim = m = embed_dim
-        k = self.kernel_size[0] * self.kernel_size[1]
-        bound2 = math.sqrt(3.0 / (m * c_in * k))
-        self.w1 = nn.Parameter(torch.empty(c_out, c_in, m).uniform_(-math.sqrt(3.0), math.sqrt(3.0)))
-        self.w2 = nn.Parameter(torch.empty(c_out, c_in, k, m).uniform_(-bound2, bound2))
-        self.b0 = nn.Parameter(torch.zeros(c_out, c_in))
-        self.b1 = nn.Parameter(torch.zeros(c_out, c_in, m))
-        self.b2 = nn.Parameter(torch.zeros(c_out, c_in, k))
-        self.weight_indicator = nn.Parameter(torch.ones(c_out, c_in, *self.kernel_size))
+        self.embed_dim = embed_dim
+        if bank is None:
+            bank, index = HyperBank(1, c_out, c_in, self.kernel_size, embed_dim), 0
+            self.own_bank = bank  # registered only when the conv stands alone
+        if bank.shape != (c_out, c_in, *self.kernel_size):
+            raise ValueError(f'HyperBank of shape {bank.shape} cannot hold a conv of shape '
+                             f'{(c_out, c_in, *self.kernel_size)}')
+        object.__setattr__(self, 'bank', bank)
+        self.index = index
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
         self.register_buffer('weight_mask', torch.ones(c_out, c_in, *self.kernel_size, dtype=torch.bool))
+        self.batched_weight = None  # set by HyperNetwork.forward for the length of one forward pass
 
     def extra_repr(self):
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '
                 f'padding={self.padding}, embed_dim={self.embed_dim}, bias={self.bias is not None}')
 
+    w1 = property(lambda self: self.bank.w1[self.index])
+    w2 = property(lambda self: self.bank.w2[self.index])
+    b0 = property(lambda self: self.bank.b0[self.index])
+    b1 = property(lambda self: self.bank.b1[self.index])
+    b2 = property(lambda self: self.bank.b2[self.index])
+    weight_indicator = property(lambda self: self.bank.weight_indicator[self.index])
+
     def hyper_parameters(self):
-        """The hypernetwork parameters Theta_H = (W1, W2, B0, B1, B2) (FMP Eq. 3)."""
+        """Views of the hypernetwork parameters Theta_H = (W1, W2, B0, B1, B2) (FMP Eq. 3)."""
         return [self.w1, self.w2, self.b0, self.b1, self.b2]
 
     def keep_mask(self):
@@ -156,18 +216,15 @@ class HyperConv2d(nn.Module):
         """The conv weight Z = Z_C * Z_W (FMP Eq. 2), masked; shape (c_out, c_in, kh, kw)."""
         z_in = self.in_vector.z * self.in_vector.mask
         z_out = self.out_vector.z * self.out_vector.mask
-        grid = torch.addcmul(self.b0, z_out[:, None], z_in[None, :])        # (c_out, c_in)
-        embed = torch.addcmul(self.b1, grid[..., None], self.w1)             # (c_out, c_in, m)
-        out = (self.w2 * embed[:, :, None, :]).sum(-1) + self.b2             # (c_out, c_in, k)
-        weight = out.view(self.out_channels, self.in_channels, *self.kernel_size)
-        return weight * (self.weight_indicator * self.keep_mask())
+        return self.bank.generate(z_out, z_in, self.keep_mask(), self.index)
 
     def generate_bias(self):
         """The masked bias, shape (c_out,), or None."""
         return None if self.bias is None else self.bias * self.out_vector.mask
 
     def forward(self, x):
-        return F.conv2d(x, self.generate_weight(), self.generate_bias(), self.stride, self.padding, self.dilation)
+        weight = self.batched_weight if self.batched_weight is not None else self.generate_weight()
+        return F.conv2d(x, weight, self.generate_bias(), self.stride, self.padding, self.dilation)
 
 
 def _pair(value):

@@ -9,7 +9,7 @@ computes the plain network's function with generated weights.
 import torch
 from torch import nn
 
-from .hyperconv import ChannelVector, HyperConv2d
+from .hyperconv import ChannelVector, HyperBank, HyperConv2d
 
 
 class HyperNetwork(nn.Module):
@@ -36,16 +36,48 @@ class HyperNetwork(nn.Module):
         self.grouping = grouping
         self.channel_vectors = nn.ModuleDict(
             {name: ChannelVector(g.size, g.prunable) for name, g in grouping.groups.items()})
-        for name, (g_in, g_out) in grouping.convs.items():
+        shapes = {}
+        for name in grouping.convs:
             conv = net.get_submodule(name)
-            hyper = HyperConv2d(self.channel_vectors[g_in], self.channel_vectors[g_out], conv.kernel_size,
-                                conv.stride, conv.padding, conv.dilation, conv.bias is not None, embed_dim)
-            parent_name, _, child = name.rpartition('.')
-            setattr(net.get_submodule(parent_name) if parent_name else net, child, hyper)
+            shapes.setdefault((conv.out_channels, conv.in_channels, *conv.kernel_size), []).append(name)
+        self.banks = nn.ModuleList([HyperBank(len(names), *shape[:2], shape[2:], embed_dim)
+                                    for shape, names in shapes.items()])
+        self._bank_members = []
+        for bank, names in zip(self.banks, shapes.values()):
+            members = []
+            for index, name in enumerate(names):
+                g_in, g_out = grouping.convs[name]
+                conv = net.get_submodule(name)
+                hyper = HyperConv2d(self.channel_vectors[g_in], self.channel_vectors[g_out], conv.kernel_size,
+                                    conv.stride, conv.padding, conv.dilation, conv.bias is not None, embed_dim,
+                                    bank=bank, index=index)
+                parent_name, _, child = name.rpartition('.')
+                setattr(net.get_submodule(parent_name) if parent_name else net, child, hyper)
+                members.append(hyper)
+            self._bank_members.append(members)
         self.net = net
 
     def forward(self, *args, **kwargs):
-        return self.net(*args, **kwargs)
+        """Generate every conv weight, one batched chain per bank (conv shape), then run the network."""
+        masked = {id(v): v.z * v.mask for v in self.channel_vectors.values()}
+        members_of = self._bank_members
+        try:
+            for bank, members in self.bank_members():
+                z_out = torch.stack([masked[id(c.out_vector)] for c in members])
+                z_in = torch.stack([masked[id(c.in_vector)] for c in members])
+                keep = torch.stack([c.keep_mask() for c in members])
+                weights = bank.generate(z_out, z_in, keep)
+                for index, conv in enumerate(members):
+                    conv.batched_weight = weights[index]
+            return self.net(*args, **kwargs)
+        finally:
+            for members in members_of:
+                for conv in members:
+                    conv.batched_weight = None
+
+    def bank_members(self):
+        """Yield ``(HyperBank, [HyperConv2d, ...])``: each bank with its convs in bank order."""
+        return zip(self.banks, self._bank_members)
 
     def hyper_convs(self):
         """Yield ``(name, HyperConv2d)`` in ``grouping.convs`` order (names as in the plain network)."""
@@ -60,12 +92,12 @@ class HyperNetwork(nn.Module):
         """Split the parameters for the optimiser (FMP Sec. 3.4).
 
         Returns:
-            dict: ``hyper`` (W1, W2, B0..B2 and conv biases: SGD/Adam with weight decay, Eq. 8),
-            ``channel`` (channel vectors: proximal gradient, Eqs. 9-10), ``weight`` (weight
-            indicators: SGD/Adam with lambda_W R(Z_W), Sec. 3.4).
+            dict: ``hyper`` (the banks' W1, W2, B0..B2 and conv biases: SGD/Adam with weight decay,
+            Eq. 8), ``channel`` (channel vectors: proximal gradient, Eqs. 9-10), ``weight`` (the banks'
+            weight indicators: SGD/Adam with lambda_W R(Z_W), Sec. 3.4).
         """
         channel = [v.z for v in self.channel_vectors.values()]
-        weight = [conv.weight_indicator for _, conv in self.hyper_convs()]
+        weight = [bank.weight_indicator for bank in self.banks]
         taken = {id(p) for p in channel + weight}
         hyper = [p for p in self.parameters() if id(p) not in taken]
         return {'hyper': hyper, 'channel': channel, 'weight': weight}
