@@ -69,6 +69,11 @@ def _create_train_val_dataloader(opt, logger):
             train_sampler.resume_from(resume_epoch, consumed * train_loader.batch_size)
             logger.info(f'Resume: skipping the {consumed} batches of epoch {resume_epoch} '
                         f'that iterations up to {resume_iter} consumed')
+        elif consumed != 0:
+            logger.warning(f'Resume: iteration {resume_iter} is not inside epoch {resume_epoch} of '
+                           f'{len(train_loader)} batches (did batch_size_per_gpu, dataset_enlarge_ratio or the '
+                           'data change?); the epoch restarts from its first batch, so the data order differs '
+                           'from an uninterrupted run')
     return result
 
 

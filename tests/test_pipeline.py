@@ -137,7 +137,8 @@ def test_auto_resume_continues_the_finetune_stage(fmp_run, tmp_path):
     yml.write_text(yaml.safe_dump(opt))
     result = run([sys.executable, 'fmpsr/train.py', '-opt', str(yml), '--auto_resume'])
     log = result.stdout + result.stderr
-    assert 'Resuming training from epoch' in log or 'iter: 40' in log
+    assert 'Resuming training from epoch: 0, iter: 40.' in log  # 100 batches per epoch here
+    assert 'Resume: skipping the' in log  # the sampler continues inside the resumed epoch
     assert osp.isfile(osp.join(fmp_run['exp'], 'models', 'net_g_50.pth'))
     state = torch.load(osp.join(fmp_run['exp'], 'training_states', '50.state'), weights_only=True)
     assert state['fmp']['stage'] == 'finetune' and state['iter'] == 50
