@@ -45,6 +45,30 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope='session')
+def data_at(tmp_path_factory):
+    """``data_at(scale)``: 2 train (96 px) and 1 val (96 px) HR/LR pairs at any scale, made once per scale."""
+    import skimage.data
+    made = {}
+
+    def make(scale):
+        if scale not in made:
+            root = tmp_path_factory.mktemp(f'data_x{scale}')
+            photo = skimage.data.coffee()[:, :, ::-1]
+            for split, corners in {'train': [(0, 0), (96, 192)], 'val': [(192, 96)]}.items():
+                for d in ('HR', 'LR'):
+                    (root / split / d).mkdir(parents=True)
+                for i, (y, x) in enumerate(corners):
+                    hr = photo[y:y + 96, x:x + 96]
+                    lr = imresize(hr.astype(np.float32) / 255., 1 / scale)
+                    cv2.imwrite(str(root / split / 'HR' / f'img{i}.png'), hr)
+                    cv2.imwrite(str(root / split / 'LR' / f'img{i}.png'),
+                                np.clip(np.round(lr * 255), 0, 255).astype(np.uint8))
+            made[scale] = root
+        return made[scale]
+    return make
+
+
 def write_options(path, name, data, model_type='FMPModel', total_iter=40, extra=None):
     opt = {
         'name': name, 'model_type': model_type, 'scale': SCALE, 'num_gpu': 0, 'manual_seed': 0,

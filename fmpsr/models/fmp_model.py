@@ -28,18 +28,23 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from fmpsr.pruning import (FMPConfig, FMPPruner, HyperNetwork, apply_weight_masks, build_grouping, finalize,
                            save_compact, trace_conv_specs)
 from fmpsr.pruning.export import atomic_write, write_json
+from fmpsr.pruning.grouping import GROUPINGS
 from fmpsr.pipeline import current_epoch
 
 from .pruned_sr_model import PrunedSRModel, load_checkpoint
 
 PRUNE, FINETUNE = 'prune', 'finetune'
 ESA_MIN_LR_SIZE = 15
+ESA_ARCHS = ('LSRB', 'RLFN')
 
 
 def check_patch_size(opt):
-    """Raise ValueError when the training LR patch (``gt_size / scale``) is below ESA's 15 pixels."""
+    """Raise ValueError when the training LR patch (``gt_size / scale``) of an arch with ESA (LSRB,
+    RLFN) is below ESA's 15 pixels."""
     train_set = (opt.get('datasets') or {}).get('train') or {}
     gt_size, scale = train_set.get('gt_size'), opt.get('scale')
+    if (opt.get('network_g') or {}).get('type') not in ESA_ARCHS:
+        return
     if gt_size and scale and gt_size // scale < ESA_MIN_LR_SIZE:
         raise ValueError(f'datasets.train.gt_size={gt_size} gives LR patches of {gt_size // scale} pixels at '
                          f'scale {scale}; ESA needs at least {ESA_MIN_LR_SIZE} (gt_size >= {ESA_MIN_LR_SIZE * scale})')
@@ -57,7 +62,7 @@ class FMPModel(PrunedSRModel):
         ValueError: bad ``pruning`` options (unknown key, metric, criterion, regulariser, targets),
             ``network_g.upscale`` != ``scale``, LR patch too small for ESA, EMA asked for,
             ``max_prune_iter`` >= ``train.total_iter``.
-        KeyError: no channel grouping for ``network_g.type``.
+        KeyError: ``pruning.grouping: hand`` for an arch without a hand-written grouping.
     """
 
     @classmethod
@@ -71,7 +76,13 @@ class FMPModel(PrunedSRModel):
             ValueError: see the class docstring; the message names the key and value.
         """
         super().check_options(opt)
-        config = FMPConfig.from_options(opt.get('pruning'))
+        config = cls.pruning_config(opt.get('pruning'))
+        arch = (opt.get('network_g') or {}).get('type')
+        if config.grouping == 'hand' and arch not in GROUPINGS:
+            raise KeyError(f'pruning.grouping: hand, but network_g.type {arch!r} has no hand-written channel '
+                           f'grouping (known: {sorted(GROUPINGS)}); use pruning.grouping: auto')
+        if config.tie_outputs and (config.grouping or ('hand' if arch in GROUPINGS else 'auto')) != 'auto':
+            raise ValueError('pruning.tie_outputs applies to pruning.grouping: auto only; set it')
         if opt.get('is_train'):
             check_patch_size(opt)
             total_iter = int(opt['train']['total_iter'])
@@ -82,6 +93,11 @@ class FMPModel(PrunedSRModel):
             if unknown:
                 raise ValueError(f'train.finetune: unknown key(s) {unknown} (known: optim_g, scheduler)')
         return config
+
+    @classmethod
+    def pruning_config(cls, options):
+        """Parse the ``pruning`` section (FMP keys and defaults, :class:`fmpsr.pruning.FMPConfig`)."""
+        return FMPConfig.from_options(options)
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
@@ -107,8 +123,14 @@ class FMPModel(PrunedSRModel):
         """Build the plain ``network_g``, trace its conv shapes, convert it to a HyperNetwork."""
         network_opt = dict(self.opt['network_g'])
         plain = build_network(copy.deepcopy(network_opt))
-        self.specs = trace_conv_specs(plain, self.config.macs_input_size, network_opt.get('num_in_ch', 3))
-        hyper = HyperNetwork(plain, build_grouping(plain, network_opt), self.config.embed_dim)
+        in_ch = network_opt.get('num_in_ch', 3)
+        self.specs = trace_conv_specs(plain, self.config.macs_input_size, in_ch)
+        example = torch.zeros(1, in_ch, *self.config.macs_input_size)  # zeros: draws nothing from the RNG
+        grouping = build_grouping(plain, network_opt, self.config.grouping, example, self.config.tie_outputs)
+        hyper = HyperNetwork(plain, grouping, self.config.embed_dim)
+        if not self.config.weight_indicators:  # DHP: Z_W fixed at one
+            for bank in hyper.banks:
+                bank.weight_indicator.requires_grad_(False)
         if checkpoint is not None:
             hyper.load_state_dict(checkpoint['params'], strict=True)
         self.pruner = FMPPruner(hyper, self.specs, self.config)
@@ -146,6 +168,8 @@ class FMPModel(PrunedSRModel):
             {'params': groups['hyper'], 'lr': lr, 'weight_decay': weight_decay, 'name': 'hyper'},
             {'params': groups['channel'], 'lr': lr * self.config.channel_lr_mult, 'weight_decay': 0, 'name': 'channel'},
             {'params': groups['weight'], 'lr': lr * self.config.weight_lr_mult, 'weight_decay': 0, 'name': 'weight'}]
+        if not self.config.weight_indicators:
+            param_groups.pop()
         if optim_type == 'Adam' and not {'fused', 'foreach'} & set(optim_opt):
             # the hypernetwork has ~13x the plain network's parameters: Adam's per-tensor loop costs
             # more than the weight generation (scripts/benchmark/fmp_step_overhead.py)
@@ -235,7 +259,7 @@ class FMPModel(PrunedSRModel):
                 f'channel ratio {r.channel_ratio(metric):.4f}, weight ratio {r.weight_ratio(metric):.4f}. '
                 'Finalizing with what was pruned so far.')
         self.final_ratios = dict(self.pruner.ratios.as_dict(), converged=bool(converged))
-        compact, network_opt, masks = finalize(self.hypernetwork, build_network)
+        compact, network_opt, masks = finalize(self.hypernetwork, build_network, self.opt['network_g'])
         del self.pruner
         self.net_g = None
         apply_weight_masks(compact, masks)
@@ -247,8 +271,9 @@ class FMPModel(PrunedSRModel):
                     f'({"converged" if converged else "iteration cap"}); compact network_g: {network_opt}')
         epoch = current_epoch()
         if epoch is not None and self.is_train:  # a checkpoint at the switch, so a crash never repeats it
-            self.save(epoch, current_iter)
-        self.export(current_iter)
+            self.save(epoch, current_iter)       # (it exports too)
+        else:
+            self.export(current_iter)
 
     @master_only
     def export(self, current_iter):
@@ -302,6 +327,11 @@ class FMPModel(PrunedSRModel):
             checkpoint = self.compact_checkpoint()
             checkpoint['fmp'] = {'switch_iter': self.switch_iter, 'ratios': self.final_ratios}
         atomic_write(path, lambda p: torch.save(checkpoint, p))
+
+    def save(self, epoch, current_iter):
+        """Network checkpoint, training state, then (fine-tune stage) the export: the export is written
+        last, so an export on disk always has its resumable state beside it."""
+        super().save(epoch, current_iter)
         if self.stage == FINETUNE:
             self.export(current_iter)
 

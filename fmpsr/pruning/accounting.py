@@ -144,8 +144,6 @@ def hypernetwork_ratios(hyper, specs):
         hyper (HyperNetwork): the network being pruned.
         specs (dict): conv name -> ConvSpec of the same network (dense shapes).
     """
-    kept = hyper.kept_channels()
-    kept_in = {name: kept[g_in] for name, (g_in, _) in hyper.grouping.convs.items()}
-    kept_out = {name: kept[g_out] for name, (_, g_out) in hyper.grouping.convs.items()}
+    kept_in, kept_out = hyper.kept_conv_channels()
     return PruneRatios(original=count(specs), channel=count(specs, kept_in, kept_out),
                        pruned=count(specs, kept_in, kept_out, hyper.kept_weights()))

@@ -8,13 +8,15 @@ Targets gamma_C and gamma_W are prune fractions of the original network, in the 
 * ``total_fixed``: both, each on its own; the part that reaches its target is frozen while the
   other goes on;
 * ``total``: converged when channel ratio + weight ratio >= gamma_C + gamma_W (the split between
-  the two is left to the optimisation).
+  the two is left to the optimisation);
+* ``keep_ratio`` (DHP, Li et al. ECCV 2020, its ``ratio`` setting): converged when the kept fraction
+  ``1 - channel ratio - weight ratio`` is at most ``keep_ratio + keep_tolerance`` (DHP: 0.02).
 """
 from dataclasses import dataclass
 
 from .accounting import METRICS
 
-CRITERIA = ('channel', 'weight', 'total_fixed', 'total')
+CRITERIA = ('channel', 'weight', 'total_fixed', 'total', 'keep_ratio')
 
 
 @dataclass(frozen=True)
@@ -32,18 +34,23 @@ class ConvergenceCriterion:
 
     Args:
         metric (str): 'params' or 'flops' (MACs).
-        criterion (str): one of 'channel', 'weight', 'total_fixed', 'total'.
+        criterion (str): one of 'channel', 'weight', 'total_fixed', 'total', 'keep_ratio'.
         gamma_c (float): channel prune target, fraction in [0, 1).
         gamma_w (float): weight prune target, fraction in [0, 1).
+        keep_ratio (float | None): kept-fraction target of 'keep_ratio', in (0, 1).
+        keep_tolerance (float): slack of 'keep_ratio' (DHP: 0.02).
 
     Raises:
         ValueError: unknown metric or criterion, a target outside [0, 1), gamma_c + gamma_w >= 1,
-            or a zero target for the part the criterion converges on.
+            a zero target for the part the criterion converges on, or 'keep_ratio' without a
+            ``keep_ratio`` in (0, 1).
     """
     metric: str
     criterion: str
     gamma_c: float
     gamma_w: float
+    keep_ratio: float = None
+    keep_tolerance: float = 0.02
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -57,12 +64,19 @@ class ConvergenceCriterion:
         if self.gamma_c + self.gamma_w >= 1:
             raise ValueError(f'pruning.gamma_c + pruning.gamma_w must be < 1 (nothing would be left), '
                              f'got {self.gamma_c} + {self.gamma_w}')
-        needs = {'channel': ('gamma_c',), 'weight': ('gamma_w',), 'total_fixed': (), 'total': ()}[self.criterion]
+        needs = {'channel': ('gamma_c',), 'weight': ('gamma_w',)}.get(self.criterion, ())
         for key in needs:
             if getattr(self, key) == 0:
                 raise ValueError(f'pruning.{key} is 0 but criterion {self.criterion!r} converges on it')
         if self.criterion == 'total' and self.gamma_c + self.gamma_w == 0:
             raise ValueError("pruning.gamma_c + pruning.gamma_w is 0: criterion 'total' needs a target")
+        if self.criterion == 'keep_ratio':
+            ratio = self.keep_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+                raise ValueError(f"pruning.keep_ratio must be a fraction in (0, 1) for criterion 'keep_ratio', got {ratio!r}")
+            tol = self.keep_tolerance
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+                raise ValueError(f'pruning.keep_tolerance must be a fraction in [0, 1), got {tol!r}')
 
     def status(self, channel_ratio, weight_ratio):
         """Evaluate the rule on the current ratios (fractions of the original, in this metric).
@@ -77,6 +91,9 @@ class ConvergenceCriterion:
             return CriterionStatus(w_ok, False, False)
         if self.criterion == 'total_fixed':
             return CriterionStatus(c_ok and w_ok, c_ok, w_ok)
+        if self.criterion == 'keep_ratio':
+            kept = 1.0 - channel_ratio - weight_ratio
+            return CriterionStatus(kept <= self.keep_ratio + self.keep_tolerance, False, False)
         return CriterionStatus(channel_ratio + weight_ratio >= self.gamma_c + self.gamma_w, False, False)
 
     def weight_budget(self, channel_ratio, weight_ratio):
@@ -89,4 +106,6 @@ class ConvergenceCriterion:
             return float('inf')
         if self.criterion == 'total':
             return max(self.gamma_c + self.gamma_w - channel_ratio - weight_ratio, 0.0)
+        if self.criterion == 'keep_ratio':
+            return max(1.0 - channel_ratio - weight_ratio - self.keep_ratio, 0.0)
         return max(self.gamma_w - weight_ratio, 0.0)

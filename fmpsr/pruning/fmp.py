@@ -47,9 +47,16 @@ class FMPConfig:
 
     Attributes:
         metric (str): 'params' or 'flops' (MACs). Default 'params'.
-        criterion (str): 'channel' | 'weight' | 'total_fixed' | 'total'. Default 'total'.
+        criterion (str): 'channel' | 'weight' | 'total_fixed' | 'total' | 'keep_ratio' (DHP). Default 'total'.
         gamma_c (float): channel prune target (fraction). Default 0.5.
         gamma_w (float): weight prune target (fraction). Default 0.2.
+        keep_ratio (float | None): kept-fraction target of criterion 'keep_ratio' (DHP's ``ratio``).
+        keep_tolerance (float): slack of 'keep_ratio': stop at kept <= keep_ratio + keep_tolerance (DHP: 0.02).
+        weight_indicators (bool): False switches Z_W off (fixed at one, not trained, no weight
+            pruning): FMP becomes DHP (Li et al. ECCV 2020). Default True.
+        grouping (str | None): channel groups: 'hand' (the arch's hand-written grouping), 'auto'
+            (torch-pruning's dependency graph, any conv arch), None: 'hand' where the arch has one.
+        tie_outputs (list): for 'auto': lists of conv names or globs whose outputs share one vector.
         lambda_c (float): lambda_C, channel-vector L1 factor (FMP: 0.1).
         lambda_w (float): lambda_W, weight-indicator regulariser factor (FMP: 0.02).
         weight_reg (str): R(Z_W): 'l1' (default), 'l2' or 'weight_decay' (FMP Eq. 7, Tab. 5).
@@ -75,6 +82,11 @@ class FMPConfig:
     criterion: str = 'total'
     gamma_c: float = 0.5
     gamma_w: float = 0.2
+    keep_ratio: float = None
+    keep_tolerance: float = 0.02
+    weight_indicators: bool = True
+    grouping: str = None
+    tie_outputs: tuple = ()
     lambda_c: float = 0.1
     lambda_w: float = 0.02
     weight_reg: str = 'l1'
@@ -90,22 +102,32 @@ class FMPConfig:
     weight_lr_mult: float = 1.0
 
     @classmethod
-    def from_options(cls, options):
-        """Build from the ``pruning`` dict of an option file (``type`` is ignored here)."""
-        options = dict(options or {})
+    def from_options(cls, options, defaults=None):
+        """Build from the ``pruning`` dict of an option file (``type`` is ignored here); ``defaults``
+        (dict) replaces the class defaults for keys the file leaves out."""
+        options = {**(defaults or {}), **dict(options or {})}
         options.pop('type', None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f'pruning: unknown key(s) {unknown}; known keys are {sorted(known)}')
-        if 'macs_input_size' in options:
-            options['macs_input_size'] = tuple(options['macs_input_size'])
+        for key in ('macs_input_size', 'tie_outputs'):
+            if key in options and isinstance(options[key], list):
+                options[key] = tuple(tuple(v) if isinstance(v, list) else v for v in options[key])
         config = cls(**options)
         config.validate()
         return config
 
     def validate(self):
         self.criterion_rule()  # metric, criterion and targets
+        if not isinstance(self.weight_indicators, bool):
+            raise ValueError(f'pruning.weight_indicators must be true or false, got {self.weight_indicators!r}')
+        if self.grouping not in (None, 'hand', 'auto'):
+            raise ValueError(f"pruning.grouping: unknown mode {self.grouping!r} (choose from ['hand', 'auto'])")
+        if not isinstance(self.tie_outputs, tuple) or not all(
+                isinstance(t, str) or (isinstance(t, tuple) and all(isinstance(n, str) for n in t))
+                for t in self.tie_outputs):
+            raise ValueError(f'pruning.tie_outputs must be a list of lists of conv names, got {self.tie_outputs!r}')
         if self.weight_reg_reduction not in ('mean', 'sum'):
             raise ValueError(f"pruning.weight_reg_reduction: unknown reduction {self.weight_reg_reduction!r} "
                              "(choose from ['mean', 'sum'])")
@@ -126,7 +148,8 @@ class FMPConfig:
             raise ValueError(f'pruning.macs_input_size must be [H, W] with H, W >= 15 LR pixels, got {list(size)}')
 
     def criterion_rule(self):
-        return ConvergenceCriterion(self.metric, self.criterion, self.gamma_c, self.gamma_w)
+        return ConvergenceCriterion(self.metric, self.criterion, self.gamma_c, self.gamma_w, self.keep_ratio,
+                                    self.keep_tolerance)
 
 
 class FMPPruner:
@@ -142,7 +165,7 @@ class FMPPruner:
         self.hyper, self.specs, self.config = hyper, specs, config
         self.rule = config.criterion_rule()
         self.channel_frozen = False
-        self.weight_frozen = False
+        self.weight_frozen = not config.weight_indicators  # DHP: no weight pruning at all
         self.converged = False
         self.ratios = hypernetwork_ratios(hyper, specs)
 
@@ -155,7 +178,7 @@ class FMPPruner:
         ``weight_reg_reduction`` is 'mean'.
         """
         banks = list(self.hyper.bank_members())
-        if self.weight_frozen or self.config.lambda_w == 0:
+        if self.weight_frozen or self.config.lambda_w == 0 or not self.config.weight_indicators:
             return banks[0][0].weight_indicator.sum() * 0.0
         # kept indicators, one (n, c_out, c_in, kh, kw) tensor per bank of same-shape convs
         kept = [bank.weight_indicator * torch.stack([c.keep_mask() for c in members]) for bank, members in banks]

@@ -5,12 +5,18 @@ vector, so those outputs form one *group* and are kept or pruned as a whole. A
 :class:`ChannelGrouping` is the complete description the pruning core needs:
 
 * ``groups``: group name -> :class:`ChannelGroup` (size, prunable);
-* ``convs``: conv module name (as in ``net.named_modules()``) -> ``(in_group, out_group)``;
-* ``compact_options``: a function from kept widths ``{group: int}`` to the ``network_g`` options of
-  the compact network, so that :func:`fmpsr.pruning.finalize.finalize` can rebuild it.
+* ``convs``: conv module name (as in ``net.named_modules()``) -> ``(in_side, out_side)``. A side is
+  a group name when the conv's channels are that group's channels in order, or a tuple of
+  ``(group, positions)`` segments when they are gathered from several groups (a concatenation) or
+  repeat (the ``r*r`` conv outputs that PixelShuffle turns into one feature channel);
+* ``compact_options``: a function ``(kept, conv_channels) -> network_g`` from the kept widths
+  ``{group: int}`` and kept conv widths ``{conv: (in, out)}`` to the options of the compact
+  network, so that :func:`fmpsr.pruning.finalize.finalize` can rebuild it as the same arch with
+  narrower layers; None means the generic form (``CompactArch``: the arch plus per-conv widths).
 
-Hand-written groupings live in :data:`GROUPINGS`, keyed by arch class name. A dependency-graph
-library (torch-pruning) can produce the same structure for arbitrary networks.
+Hand-written groupings live in :data:`GROUPINGS`, keyed by arch class name;
+:func:`fmpsr.pruning.coupling.auto_grouping` finds the groups of any conv network with
+torch-pruning's dependency graph. :meth:`ChannelGrouping.partition` compares two groupings.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Tuple
@@ -37,8 +43,36 @@ class ChannelGroup:
 class ChannelGrouping:
     """Groups of coupled channels of one network; see the module docstring."""
     groups: Dict[str, ChannelGroup]
-    convs: Dict[str, Tuple[str, str]]
-    compact_options: Callable[[Dict[str, int]], dict] = field(repr=False, default=None)
+    convs: Dict[str, Tuple[object, object]]
+    compact_options: Callable[[Dict[str, int], Dict[str, Tuple[int, int]]], dict] = field(repr=False, default=None)
+
+    def segments(self, side):
+        """A conv side as a list of ``(group, positions)``; positions is None for a whole group."""
+        return [(side, None)] if isinstance(side, str) else [(g, tuple(p)) for g, p in side]
+
+    def side_width(self, side):
+        """Number of channels of a conv side (int)."""
+        return sum(self.groups[g].size if p is None else len(p) for g, p in self.segments(side))
+
+    def partition(self):
+        """The grouping as plain sets, to compare groupings that name groups differently.
+
+        Returns:
+            tuple: (frozenset of frozensets of ``(conv, 'in' | 'out', channel)`` atoms, one per
+            prunable channel; frozenset of the fixed atoms).
+        """
+        channels, fixed = {}, set()
+        for name, sides in self.convs.items():
+            for role, side in zip(('in', 'out'), sides):
+                channel = 0
+                for group, positions in self.segments(side):
+                    for p in (range(self.groups[group].size) if positions is None else positions):
+                        if self.groups[group].prunable:
+                            channels.setdefault((group, p), set()).add((name, role, channel))
+                        else:
+                            fixed.add((name, role, channel))
+                        channel += 1
+        return frozenset(frozenset(a) for a in channels.values()), frozenset(fixed)
 
     def validate(self, net):
         """Check the grouping against ``net``.
@@ -58,11 +92,15 @@ class ChannelGrouping:
             conv = convs[name]
             if conv.groups != 1:
                 raise ValueError(f'conv {name!r} has groups={conv.groups}; only groups=1 is supported')
-            for role, group, channels in (('input', g_in, conv.in_channels), ('output', g_out, conv.out_channels)):
-                if group not in self.groups:
-                    raise ValueError(f'conv {name!r}: unknown {role} group {group!r}')
-                if self.groups[group].size != channels:
-                    raise ValueError(f'conv {name!r}: {role} group {group!r} has {self.groups[group].size} '
+            for role, side, channels in (('input', g_in, conv.in_channels), ('output', g_out, conv.out_channels)):
+                for group, positions in self.segments(side):
+                    if group not in self.groups:
+                        raise ValueError(f'conv {name!r}: unknown {role} group {group!r}')
+                    if positions is not None and not all(0 <= p < self.groups[group].size for p in positions):
+                        raise ValueError(f'conv {name!r}: {role} positions outside group {group!r} '
+                                         f'of {self.groups[group].size} channels')
+                if self.side_width(side) != channels:
+                    raise ValueError(f'conv {name!r}: {role} group(s) {side!r} have {self.side_width(side)} '
                                      f'channels, the conv has {channels}')
 
 
@@ -106,7 +144,7 @@ def lsrb_grouping(net, network_opt):
         })
     num_block = len(net.body)
 
-    def compact_options(kept):
+    def compact_options(kept, _conv_channels=None):
         opt = {k: v for k, v in network_opt.items() if k not in ('mid_feats', 'esa_feats')}
         opt.update(
             num_feat=kept['stream'],
@@ -121,16 +159,43 @@ def lsrb_grouping(net, network_opt):
 GROUPINGS = {'LSRB': lsrb_grouping}
 
 
-def build_grouping(net, network_opt):
+GROUPING_MODES = ('hand', 'auto')
+
+
+def build_grouping(net, network_opt, mode=None, example_input=None, ties=()):
     """Return the :class:`ChannelGrouping` of ``net`` (built from ``network_opt``).
 
+    Args:
+        net (nn.Module): the plain network.
+        network_opt (dict): its ``network_g`` options (``type`` selects a hand-written grouping).
+        mode (str | None): 'hand' (the arch's entry in :data:`GROUPINGS`), 'auto' (torch-pruning's
+            dependency graph, :func:`fmpsr.pruning.coupling.auto_grouping`), or None: 'hand' when the
+            arch has one, else 'auto'. An automatic grouping whose partition equals the arch's hand
+            grouping is returned as the hand grouping (same groups, and the compact network is the
+            arch with narrower widths instead of the generic ``CompactArch``).
+        example_input (Tensor | None): (1, C_in, H, W) input for 'auto'.
+        ties (sequence): ``pruning.tie_outputs`` for 'auto' (see ``auto_grouping``).
+
     Raises:
-        KeyError: no grouping is known for the arch ``network_opt['type']``.
+        KeyError: mode 'hand' for an arch with no hand-written grouping.
+        ValueError: an unknown mode; ties with mode 'hand'; see ``auto_grouping`` and ``validate``.
     """
     arch = network_opt['type']
-    if arch not in GROUPINGS:
-        raise KeyError(f"network_g.type {arch!r}: no channel grouping is known for it "
-                       f"(known: {sorted(GROUPINGS)})")
-    grouping = GROUPINGS[arch](net, network_opt)
+    mode = mode or ('hand' if arch in GROUPINGS else 'auto')
+    if mode not in GROUPING_MODES:
+        raise ValueError(f'pruning.grouping: unknown mode {mode!r} (choose from {list(GROUPING_MODES)})')
+    hand = GROUPINGS[arch](net, network_opt) if arch in GROUPINGS else None
+    if mode == 'hand':
+        if hand is None:
+            raise KeyError(f"network_g.type {arch!r}: no hand-written channel grouping is known for it "
+                           f"(known: {sorted(GROUPINGS)}); use pruning.grouping: auto")
+        if ties:
+            raise ValueError('pruning.tie_outputs applies to pruning.grouping: auto only')
+        grouping = hand
+    else:
+        from .coupling import auto_grouping
+        grouping = auto_grouping(net, example_input, ties)
+        if hand is not None and hand.partition() == grouping.partition():
+            grouping = hand
     grouping.validate(net)
     return grouping

@@ -88,6 +88,51 @@ class ChannelVector(nn.Module):
         self.z.data.mul_(keep)
         return before - self.kept()
 
+    def masked_z(self, masked=None):
+        """``z * mask``, shape (size,); ``masked`` (dict id(vector) -> tensor) reuses a computed one."""
+        return masked[id(self)] if masked is not None else self.z * self.mask
+
+    def channel_mask(self):
+        """The keep mask, bool (size,) (the interface shared with :class:`ChannelMap`)."""
+        return self.mask
+
+
+class ChannelMap:
+    """The channels of one conv side gathered from several channel vectors, or repeated.
+
+    A conv that reads a concatenation sees the channels of each input's vector in turn; the conv
+    before a ``PixelShuffle(r)`` writes ``r*r`` channels per feature channel, all of which follow that
+    channel's entry of the vector. Channel ``i`` of the side is entry ``positions[i]`` of its segment's
+    vector. Offers the :class:`ChannelVector` interface a :class:`HyperConv2d` uses.
+
+    Args:
+        segments (list): ``(ChannelVector, positions)`` pairs in channel order; positions is a
+            sequence of ints into the vector, or None for the whole vector in order.
+    """
+
+    def __init__(self, segments):
+        self.segments = [(v, None if p is None else torch.as_tensor(list(p), dtype=torch.long)) for v, p in segments]
+        self.size = sum(v.size if p is None else p.numel() for v, p in self.segments)
+        self.prunable = any(v.prunable for v, _ in self.segments)
+        self._index = {}
+
+    def _on(self, positions, device):
+        key = (id(positions), device)
+        if key not in self._index:
+            self._index[key] = positions.to(device)
+        return self._index[key]
+
+    def _gather(self, pieces):
+        return torch.cat([t if p is None else t[self._on(p, t.device)] for t, (_, p) in zip(pieces, self.segments)])
+
+    def masked_z(self, masked=None):
+        """Gathered ``z * mask`` of the vectors, shape (size,)."""
+        return self._gather([v.masked_z(masked) for v, _ in self.segments])
+
+    def channel_mask(self):
+        """Gathered keep masks, bool (size,)."""
+        return self._gather([v.mask for v, _ in self.segments])
+
 
 class HyperBank(nn.Module):
     """Hypernetwork tensors of ``n`` convs of one shape (c_out, c_in, kh, kw), stacked on dim 0.
@@ -156,8 +201,8 @@ class HyperConv2d(nn.Module):
     not part of the pruned model's size.
 
     Args:
-        in_vector (ChannelVector): vector of the group this conv reads (size c_in).
-        out_vector (ChannelVector): vector of the group this conv writes (size c_out).
+        in_vector (ChannelVector | ChannelMap): channels this conv reads (size c_in).
+        out_vector (ChannelVector | ChannelMap): channels this conv writes (size c_out).
         kernel_size, stride, padding, dilation: as in ``nn.Conv2d`` (groups=1 only).
         bias (bool): whether the conv has a bias. Default: True.
         embed_dim (int): m, the hypernetwork embedding size (DHP default 8).
@@ -209,18 +254,16 @@ class HyperConv2d(nn.Module):
 
     def keep_mask(self):
         """Boolean (c_out, c_in, kh, kw): weights kept by both channel masks and the weight mask."""
-        channel = self.out_vector.mask[:, None, None, None] & self.in_vector.mask[None, :, None, None]
+        channel = self.out_vector.channel_mask()[:, None, None, None] & self.in_vector.channel_mask()[None, :, None, None]
         return self.weight_mask & channel
 
     def generate_weight(self):
         """The conv weight Z = Z_C * Z_W (FMP Eq. 2), masked; shape (c_out, c_in, kh, kw)."""
-        z_in = self.in_vector.z * self.in_vector.mask
-        z_out = self.out_vector.z * self.out_vector.mask
-        return self.bank.generate(z_out, z_in, self.keep_mask(), self.index)
+        return self.bank.generate(self.out_vector.masked_z(), self.in_vector.masked_z(), self.keep_mask(), self.index)
 
     def generate_bias(self):
         """The masked bias, shape (c_out,), or None."""
-        return None if self.bias is None else self.bias * self.out_vector.mask
+        return None if self.bias is None else self.bias * self.out_vector.channel_mask()
 
     def forward(self, x):
         weight = self.batched_weight if self.batched_weight is not None else self.generate_weight()

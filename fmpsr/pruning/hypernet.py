@@ -9,7 +9,7 @@ computes the plain network's function with generated weights.
 import torch
 from torch import nn
 
-from .hyperconv import ChannelVector, HyperBank, HyperConv2d
+from .hyperconv import ChannelMap, ChannelVector, HyperBank, HyperConv2d
 
 
 class HyperNetwork(nn.Module):
@@ -48,7 +48,7 @@ class HyperNetwork(nn.Module):
             for index, name in enumerate(names):
                 g_in, g_out = grouping.convs[name]
                 conv = net.get_submodule(name)
-                hyper = HyperConv2d(self.channel_vectors[g_in], self.channel_vectors[g_out], conv.kernel_size,
+                hyper = HyperConv2d(self._side(g_in), self._side(g_out), conv.kernel_size,
                                     conv.stride, conv.padding, conv.dilation, conv.bias is not None, embed_dim,
                                     bank=bank, index=index)
                 parent_name, _, child = name.rpartition('.')
@@ -57,14 +57,20 @@ class HyperNetwork(nn.Module):
             self._bank_members.append(members)
         self.net = net
 
+    def _side(self, side):
+        """A conv side (group name or segments, see ChannelGrouping) as a ChannelVector or ChannelMap."""
+        if isinstance(side, str):
+            return self.channel_vectors[side]
+        return ChannelMap([(self.channel_vectors[g], p) for g, p in self.grouping.segments(side)])
+
     def forward(self, *args, **kwargs):
         """Generate every conv weight, one batched chain per bank (conv shape), then run the network."""
         masked = {id(v): v.z * v.mask for v in self.channel_vectors.values()}
         members_of = self._bank_members
         try:
             for bank, members in self.bank_members():
-                z_out = torch.stack([masked[id(c.out_vector)] for c in members])
-                z_in = torch.stack([masked[id(c.in_vector)] for c in members])
+                z_out = torch.stack([c.out_vector.masked_z(masked) for c in members])
+                z_in = torch.stack([c.in_vector.masked_z(masked) for c in members])
                 keep = torch.stack([c.keep_mask() for c in members])
                 weights = bank.generate(z_out, z_in, keep)
                 for index, conv in enumerate(members):
@@ -105,6 +111,15 @@ class HyperNetwork(nn.Module):
     def kept_channels(self):
         """Dict group name -> number of kept channels (int)."""
         return {name: v.kept() for name, v in self.channel_vectors.items()}
+
+    @torch.no_grad()
+    def kept_conv_channels(self):
+        """Two dicts conv name -> kept input channels, kept output channels (ints)."""
+        kept_in, kept_out = {}, {}
+        for name, conv in self.hyper_convs():
+            kept_in[name] = int(conv.in_vector.channel_mask().sum())
+            kept_out[name] = int(conv.out_vector.channel_mask().sum())
+        return kept_in, kept_out
 
     @torch.no_grad()
     def kept_weights(self):
