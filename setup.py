@@ -20,6 +20,7 @@ setup(
         'lmdb',
         'opencv-python',
         'tensorboard',
+        'torch-pruning>=1.6,<1.7',  # DependencyGraph for automatic channel coupling (fmpsr.pruning.coupling)
     ],
     extras_require={'test': ['pytest', 'hypothesis']},
     license='Apache-2.0',

@@ -95,3 +95,16 @@ def install():
     basicsr.train.build_dataset = _build_dataset
     basicsr.train.EnlargedSampler = ResumableSampler
     basicsr.train.create_train_val_dataloader = _create_train_val_dataloader
+
+
+def close_process_group():
+    """After training, wait for every rank and destroy the process group (no-op without one).
+
+    BasicSR validates and saves the last model on rank 0 only and never destroys the group, so the
+    other ranks used to exit first, while gloo's threads were still alive, and could abort with
+    "terminate called without an active exception" (exit code -6) under load.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -10,5 +10,8 @@ if ROOT not in sys.path:  # run as a script from a source checkout
 import fmpsr  # noqa: E402,F401  (patches basicsr, registers archs / models)
 from basicsr.train import train_pipeline  # noqa: E402
 
+from fmpsr.pipeline import close_process_group  # noqa: E402
+
 if __name__ == '__main__':
     train_pipeline(ROOT)
+    close_process_group()

@@ -1,9 +1,10 @@
 """Automatic channel coupling (torch-pruning's DependencyGraph) and plug-and-play FMP on BasicSR's
 EDSR, MSRResNet and RCAN and fmpsr's RLFN and LSRB (FMP Sec. 4.6).
 
-For each network the automatic groups are checked against what its structure implies, then random
-channel and weight masks are applied to the hypernetwork, which is finalized; in float64 the compact
-network (the same arch class with narrower convs) must compute the hypernetwork's output to 1e-12.
+For each network the automatic groups are checked against what its structure implies; then a few
+FMP iterations prune channels and weights of its hypernetwork, which is finalized; in float64 the
+compact network (the same arch class with narrower convs) must compute the hypernetwork's output to
+1e-12, and its conv widths must equal the kept channels counted from the masks.
 """
 import re
 
@@ -15,7 +16,7 @@ import fmpsr  # noqa: F401
 from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
 from fmpsr.archs.rlfn_arch import RLFN
-from fmpsr.pruning import HyperNetwork, finalize, load_compact, save_compact
+from fmpsr.pruning import FMPConfig, FMPPruner, HyperNetwork, finalize, load_compact, save_compact, trace_conv_specs
 from fmpsr.pruning.coupling import auto_grouping
 from fmpsr.pruning.criteria import ConvergenceCriterion
 from fmpsr.pruning.grouping import GROUPINGS, build_grouping
@@ -128,16 +129,45 @@ def test_concatenation_and_split_map_to_slices():
     assert group_of(g, 'fuse', 'out') == group_of(g, 'head', 'out')  # meets f at the add
 
 
+def test_imdn_splits_concatenations_and_attention():
+    g = auto_grouping(build_network(dict(type='IMDN', num_feat=16, num_block=2, upscale=2)), example())
+    stream = group_of(g, 'fea_conv', 'out')
+    for b in ('IMDB1', 'IMDB2'):
+        c1, c2, c3, c4 = (group_of(g, f'{b}.{c}', 'out') for c in ('c1', 'c2', 'c3', 'c4'))
+        assert group_of(g, f'{b}.c5', 'out') == stream                        # meets the block input at the add
+        assert g.convs[f'{b}.c2'][0] == ((c1, tuple(range(4, 16))),)         # remaining 12 of 16
+        distilled = ((c1, (0, 1, 2, 3)), (c2, (0, 1, 2, 3)), (c3, (0, 1, 2, 3)), (c4, (0, 1, 2, 3)))
+        assert g.convs[f'{b}.cca.conv_du.0'][0] == distilled                  # the concatenation
+        assert g.convs[f'{b}.cca.conv_du.2'][1] == distilled                  # CCA's gate multiplies it
+        assert g.convs[f'{b}.c5'][0] == distilled
+    assert g.convs['c'][0] == ((stream, tuple(range(16)) * 2),)  # cat of the two block outputs (both on the stream)
+
+
+def test_imdn_params_match_the_fmp_supplement():
+    """FMP supplement Tab. 2 lists IMDN at 694 K / 703 K / 715 K params for x2 / x3 / x4."""
+    counts = [sum(p.numel() for p in build_network(dict(type='IMDN', upscale=s)).parameters()) for s in (2, 3, 4)]
+    assert [round(c / 1000) for c in counts] == [694, 703, 715]
+
+
 # ---- prune, finalize, compare ----
-def prune_at_random(hyper, keep=0.6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for vector in hyper.prunable_vectors():
-        mask = torch.rand(vector.size, generator=gen) < keep
-        mask[torch.randint(vector.size, (1,), generator=gen)] = True
-        vector.mask.copy_(mask)
-        vector.z.data.mul_(mask)
-    for _, conv in hyper.hyper_convs():
-        conv.weight_mask.copy_(torch.rand(conv.weight_mask.shape, generator=gen) < 0.8)
+def prune_with_fmp(hyper, specs, x, steps=4):
+    """A few real FMP iterations (FMP Eqs. 4, 9-10) with strong regularisers, then a mask update:
+    the pruner, not the test, decides which channels and weights go."""
+    config = FMPConfig(metric='params', criterion='weight', gamma_c=0.0, gamma_w=0.3, lambda_c=60.0, lambda_w=1.0,
+                       weight_threshold=0.97, min_channels=2, check_freq=1)
+    pruner = FMPPruner(hyper, specs, config)
+    lr = 1e-2
+    optimizer = torch.optim.Adam(hyper.parameters(), lr=lr)
+    target = torch.nn.functional.interpolate(x, size=hyper(x).shape[-2:], mode='bicubic')
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = (hyper(x) - target).abs().mean() + pruner.regularization()
+        loss.backward()
+        optimizer.step()
+        pruner.proximal_step(lr)
+    pruner.check()
+    assert any(v.kept() < v.size for v in hyper.prunable_vectors())          # channels were pruned
+    assert any(not bool(c.weight_mask.all()) for _, c in hyper.hyper_convs())  # and single weights
 
 
 def kept_width(grouping, hyper, side):
@@ -157,6 +187,7 @@ NETWORKS = {
                     upscale=2),
     'RLFN-x4': dict(type='RLFN', num_feat=16, num_block=3, upscale=4),
     'LSRB-x3-auto': dict(type='LSRB', num_feat=16, num_block=2, upscale=3, esa_channels=8),
+    'IMDN-x4': dict(type='IMDN', num_feat=16, num_block=2, upscale=4),
 }
 
 
@@ -168,9 +199,10 @@ def test_finalized_compact_network_equals_the_hypernetwork(key, tmp_path):
     arch = type(net)
     dense_params = sum(p.numel() for p in net.parameters())
     grouping = build_grouping(net, opt, 'auto', example(20).to(F64))
+    specs = trace_conv_specs(net, (20, 20))
     hyper = HyperNetwork(net, grouping, embed_dim=4).to(F64)
-    prune_at_random(hyper)
     x = torch.rand(2, 3, 20, 20, dtype=F64)
+    prune_with_fmp(hyper, specs, x)
     with torch.no_grad():
         expected = hyper(x)
         compact, compact_opt, masks = finalize(hyper, build_network, opt)

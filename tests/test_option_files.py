@@ -38,7 +38,7 @@ def test_the_issue_asks_for_these_files():
     expected |= {f'edsr/fmp_edsr_x4_{m}_{c}.yml' for m in ('params', 'flops')
                  for c in ('channel', 'weight', 'total_fixed', 'total')}
     expected |= {f'edsr/fmp_edsr_x4_reg_{r}.yml' for r in ('l1', 'l2', 'weight_decay')}
-    expected |= {f'edsr/dhp_edsr_x4_keep{k}.yml' for k in (60, 40, 20)}
+    expected |= {f'edsr/{m}_edsr_x4_keep{k}.yml' for m in ('fmp', 'dhp') for k in (60, 40, 20)}
     assert expected <= names
     assert {osp.basename(p) for p in TINY} == {osp.basename(p) for p in FULL}
 
@@ -103,6 +103,19 @@ def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
     with torch.no_grad():
         assert ratios['original_macs'] == macs(dense)
         assert ratios['channel_macs'] == macs(compact)
+    if osp.basename(path) == 'fmp_edsr_x4_flops_total.yml':      # a CompactArch export scores with test.py
+        test_name = names('pytest_test_compact')
+        test_opt = {'name': test_name, 'model_type': 'PrunedSRModel', 'scale': scale, 'num_gpu': 0,
+                    'datasets': {'test_1': {'name': 'tiny_val', 'type': 'PairedImageDataset',
+                                            'dataroot_gt': str(data / 'val/HR'), 'dataroot_lq': str(data / 'val/LR'),
+                                            'io_backend': {'type': 'disk'}}},
+                    'path': {'pretrain_network_g': osp.join(export, 'net_g.safetensors')},
+                    'val': {'save_img': False, 'suffix': None, 'metrics': {
+                        'psnr': {'type': 'calculate_psnr', 'crop_border': scale, 'test_y_channel': True}}}}
+        (tmp_path / 'test.yml').write_text(yaml.safe_dump(test_opt))
+        run([sys_python(), 'fmpsr/test.py', '-opt', str(tmp_path / 'test.yml')])
+        with open(osp.join(ROOT, 'results', test_name, 'metrics.json')) as f:
+            assert 5 < yaml.safe_load(f)['tiny_val']['psnr'] < 60
     if opt['model_type'] == 'DHPModel':                          # channels only; stops at keep ratio + 0.02
         assert pruned == 0
         assert ratios['converged']

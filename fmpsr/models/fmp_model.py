@@ -2,7 +2,9 @@
 
 The run has two stages (FMP Sec. 3.4, 4.4; DHP's search-then-finetune):
 
-1. ``prune``: ``network_g`` (a plain arch, e.g. LSRB) is turned into its hypernetwork form; each
+1. ``prune``: ``network_g`` (any registered conv arch: LSRB, EDSR, RCAN, ...) is turned into its
+   hypernetwork form, with channel groups from the arch's hand-written grouping or from the
+   dependency graph (``pruning.grouping``, :mod:`fmpsr.pruning.coupling`); each
    iteration minimises ``L_rec + alpha D(Theta_H) + lambda_W R(Z_W)`` (FMP Eq. 4; alpha is
    ``train.optim_g.weight_decay``, applied to the hypernetwork parameters only), then applies the
    proximal step to the channel vectors (Eqs. 9-10). Every ``pruning.check_freq`` iterations the
@@ -54,7 +56,7 @@ def check_patch_size(opt):
 class FMPModel(PrunedSRModel):
     """Flexible Meta Pruning model (FMP Sec. 3.3-3.4, 4.4) for BasicSR's ``train.py``.
 
-    Options: ``network_g`` (a plain arch with a known channel grouping), ``pruning`` (see
+    Options: ``network_g`` (any registered arch built from ``nn.Conv2d``), ``pruning`` (see
     :class:`fmpsr.pruning.FMPConfig`), ``train`` as for ``SRModel`` plus optional
     ``train.finetune: {optim_g, scheduler}``.
 

@@ -65,7 +65,8 @@ def trace_conv_specs(net, input_size, in_channels=3):
                                        mod.bias is not None, tuple(output.shape[-2:]))
             hooks.append(module.register_forward_hook(hook))
     with torch.no_grad():
-        meta(torch.empty(1, in_channels, *input_size, device='meta'))
+        dtype = next(meta.parameters()).dtype
+        meta(torch.empty(1, in_channels, *input_size, device='meta', dtype=dtype))
     for h in hooks:
         h.remove()
     return specs

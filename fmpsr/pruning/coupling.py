@@ -19,6 +19,9 @@ Each conv side is then either a whole vector (the group name) or, where channels
 vectors (concatenation) or repeat (PixelShuffle), a tuple of ``(group, positions)`` segments; see
 :class:`~fmpsr.pruning.grouping.ChannelGrouping`.
 
+The PixelShuffle mapping uses torch-pruning's index-mapping objects (``_FlattenIndexMapping`` and
+``Dependency.index_mapping``), which are not public API; setup.py pins torch-pruning to 1.6.x for that.
+
 Assumption (checked by the equality tests of every covered arch): a pruned channel is exactly zero
 in the hypernetwork, so every op between convs must map zero to zero (ReLU, LeakyReLU, pooling,
 interpolation, adds) unless the channel is multiplied by a tied zero (ESA's and RCAN's sigmoid gates).
