@@ -7,6 +7,7 @@ finalize, fine-tune, export); the export is then rebuilt without pickles and rec
 independently of fmpsr's accounting.
 """
 import glob
+import re
 import os.path as osp
 
 import pytest
@@ -100,6 +101,7 @@ def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
     assert ratios['original_params'] == sum(p.numel() for p in dense.parameters())
     assert ratios['channel_params'] == params
     assert ratios['pruned_params'] == params - pruned
+    assert params < ratios['original_params']                 # the pruning stage did remove channels
     with torch.no_grad():
         assert ratios['original_macs'] == macs(dense)
         assert ratios['channel_macs'] == macs(compact)
@@ -125,3 +127,22 @@ def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
 def sys_python():
     import sys
     return sys.executable
+
+
+def test_bad_plug_and_play_options_are_named():
+    edsr = load(osp.join(ROOT, 'options', 'edsr', 'fmp_edsr_x4_params_total.yml'))
+    lsrb = load(osp.join(ROOT, 'options', 'fmp_lsrb_x4.yml'))
+    dhp = load(osp.join(ROOT, 'options', 'edsr', 'dhp_edsr_x4_keep40.yml'))
+    cases = [
+        (edsr, 'FMPModel', {'grouping': 'hand'}, KeyError, "network_g.type 'EDSR' has no hand-written"),
+        (edsr, 'FMPModel', {'grouping': 'graph'}, ValueError, "pruning.grouping: unknown mode 'graph'"),
+        (lsrb, 'FMPModel', {'tie_outputs': [['conv_first']]}, ValueError, 'tie_outputs applies to pruning.grouping: auto'),
+        (dhp, 'DHPModel', {'weight_indicators': True}, ValueError, 'weight_indicators must be false'),
+        (dhp, 'DHPModel', {'criterion': 'total'}, ValueError, "criterion 'total' prunes weights"),
+        (dhp, 'DHPModel', {'keep_ratio': 1.5}, ValueError, 'keep_ratio must be a fraction in'),
+        (edsr, 'FMPModel', {'criterion': 'keep_ratio'}, ValueError, 'keep_ratio must be a fraction in'),
+    ]
+    for base, model_type, change, error, message in cases:
+        opt = dict(base, is_train=True, pruning=dict(base['pruning'], **change))
+        with pytest.raises(error, match=re.escape(message)):
+            MODEL_REGISTRY.get(model_type).check_options(opt)

@@ -84,7 +84,7 @@ class FMPModel(PrunedSRModel):
             raise KeyError(f'pruning.grouping: hand, but network_g.type {arch!r} has no hand-written channel '
                            f'grouping (known: {sorted(GROUPINGS)}); use pruning.grouping: auto')
         if config.tie_outputs and (config.grouping or ('hand' if arch in GROUPINGS else 'auto')) != 'auto':
-            raise ValueError('pruning.tie_outputs applies to pruning.grouping: auto only; set it')
+            raise ValueError('pruning.tie_outputs applies to pruning.grouping: auto only (set pruning.grouping: auto)')
         if opt.get('is_train'):
             check_patch_size(opt)
             total_iter = int(opt['train']['total_iter'])
