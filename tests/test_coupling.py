@@ -87,6 +87,19 @@ def test_msrresnet_x3_pixel_shuffle_ties_nine_outputs():
     assert group_of(g, 'conv_hr', 'in') == group
 
 
+def test_functional_pixel_shuffle_is_mapped_too():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.up, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 32, 3, padding=1), nn.Conv2d(8, 3, 1)
+
+        def forward(self, x):
+            return self.b(nn.functional.pixel_shuffle(self.up(self.a(x)), 2))
+
+    g = auto_grouping(Net(), example())
+    assert g.convs['up'][1] == (('up', tuple(c // 4 for c in range(32))),) and g.convs['b'][0] == 'up'
+
+
 def test_rcan_channel_attention_expand_conv_joins_the_stream():
     opt = dict(type='RCAN', num_in_ch=3, num_out_ch=3, num_feat=16, num_group=2, num_block=2, squeeze_factor=4,
                upscale=2)
