@@ -7,14 +7,14 @@ finalize, fine-tune, export); the export is then rebuilt without pickles and rec
 independently of fmpsr's accounting.
 """
 import glob
-import re
 import os.path as osp
+import re
+import sys
 
 import pytest
 import torch
 import yaml
 from conftest import ROOT, run
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fmpsr  # noqa: F401
@@ -82,7 +82,7 @@ def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
     opt_path = tmp_path / 'tiny.yml'
     with open(opt_path, 'w') as f:
         yaml.safe_dump(dict(opt), f)
-    run([sys_python(), 'fmpsr/train.py', '-opt', str(opt_path)])
+    run([sys.executable, 'fmpsr/train.py', '-opt', str(opt_path)])
 
     export = osp.join(ROOT, 'experiments', opt['name'], 'export')
     compact, network_opt, masks = load_compact(export)
@@ -115,7 +115,7 @@ def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
                     'val': {'save_img': False, 'suffix': None, 'metrics': {
                         'psnr': {'type': 'calculate_psnr', 'crop_border': scale, 'test_y_channel': True}}}}
         (tmp_path / 'test.yml').write_text(yaml.safe_dump(test_opt))
-        run([sys_python(), 'fmpsr/test.py', '-opt', str(tmp_path / 'test.yml')])
+        run([sys.executable, 'fmpsr/test.py', '-opt', str(tmp_path / 'test.yml')])
         with open(osp.join(ROOT, 'results', test_name, 'metrics.json')) as f:
             assert 5 < yaml.safe_load(f)['tiny_val']['psnr'] < 60
     if opt['model_type'] == 'DHPModel':                          # channels only; stops at keep ratio + 0.02
@@ -123,10 +123,6 @@ def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
         assert ratios['converged']
         assert ratios['channel_macs'] / ratios['original_macs'] <= opt['pruning']['keep_ratio'] + 0.02
 
-
-def sys_python():
-    import sys
-    return sys.executable
 
 
 def test_bad_plug_and_play_options_are_named():

@@ -118,7 +118,7 @@ def expand_ties(ties, names):
     return out
 
 
-def auto_grouping(net, example_input, ties=(), compact_options=None):
+def auto_grouping(net, example_input, ties=()):
     """Find the channel groups of ``net`` with torch-pruning's DependencyGraph (see module docstring).
 
     Args:
@@ -127,11 +127,11 @@ def auto_grouping(net, example_input, ties=(), compact_options=None):
         example_input (Tensor): (1, C_in, H, W) input; H, W in LR pixels, large enough for the arch.
         ties (sequence): extra couplings, each a list of conv names or globs whose outputs must share
             one channel vector (e.g. LSRB's single stream width: ``[conv_first, 'body.*.conv1x1']``).
-        compact_options (callable | None): stored on the grouping; see ChannelGrouping.
 
     Returns:
         ChannelGrouping: groups named after the first conv writing them (``conv_first``,
         ``body_0_conv1``, ...); fixed groups are named ``<conv>_in`` / ``<conv>`` for image channels.
+        It has no ``compact_options``: finalize builds the generic ``CompactArch``.
 
     Raises:
         ValueError: grouped convs, PixelUnshuffle, tied convs of different widths, or a mapping that
@@ -182,7 +182,7 @@ def auto_grouping(net, example_input, ties=(), compact_options=None):
     sides = {comp: set() for comp in {uf.find(a) for a in list(uf.parent)}}
     for atom in list(uf.parent):
         sides[uf.find(atom)].add(atom[1])
-    position, groups, members = {}, OrderedDict(), {}
+    position, groups = {}, OrderedDict()
 
     def assign(comps, group_name):
         fresh = [c for c in dict.fromkeys(comps) if c not in position]
@@ -195,7 +195,6 @@ def auto_grouping(net, example_input, ties=(), compact_options=None):
             for i, c in enumerate(part):
                 position[c] = (name, i)
             groups[name] = ChannelGroup(len(part), prunable=flag)
-            members[name] = part
 
     for name, conv in convs.items():
         assign([uf.find((name, OUT, ch)) for ch in range(conv.out_channels)], name.replace('.', '_'))
@@ -217,4 +216,4 @@ def auto_grouping(net, example_input, ties=(), compact_options=None):
 
     conv_sides = OrderedDict((name, (side_of(name, IN, conv.in_channels), side_of(name, OUT, conv.out_channels)))
                              for name, conv in convs.items())
-    return ChannelGrouping(dict(groups), conv_sides, compact_options)
+    return ChannelGrouping(dict(groups), conv_sides)
