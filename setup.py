@@ -15,6 +15,7 @@ setup(
         'torchvision',
         'safetensors>=0.4',
         'scikit-image',
+        'scipy',  # connected components of the channel-tie graph (fmpsr.pruning.coupling)
         'pyyaml',
         'tqdm',
         'lmdb',

@@ -9,7 +9,7 @@ fmpsr adds what torch-pruning 1.6 does not know: ``nn.PixelShuffle(r)`` maps inp
 (pruned together) and the next conv sees one channel.
 
 From these pairwise ties fmpsr forms *channel atoms* ``(conv name, 'in' | 'out', channel)`` and
-joins them with union-find; each connected component is one channel of some channel vector.
+joins them with scipy's ``connected_components``; each component is one channel of some vector.
 Vectors are then formed conv by conv in module order: the components of a conv's output that are
 not yet in a vector become a new vector named after that conv (dots replaced by ``_``). A
 component is prunable when it is written by at least one conv and read by at least one conv;
@@ -29,31 +29,15 @@ interpolation, adds) unless the channel is multiplied by a tied zero (ESA's and 
 import fnmatch
 from collections import OrderedDict
 
+import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from .grouping import ChannelGroup, ChannelGrouping
 
 IN, OUT = 'in', 'out'
-
-
-class _UnionFind:
-    def __init__(self):
-        self.parent = {}
-
-    def find(self, a):
-        self.parent.setdefault(a, a)
-        root = a
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[a] != root:
-            self.parent[a], a = root, self.parent[a]
-        return root
-
-    def union(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
 
 
 def _pixel_shuffle_factor(node):
@@ -150,10 +134,18 @@ def auto_grouping(net, example_input, ties=()):
         net.train(was_training)
     _map_pixel_shuffle(graph)
 
-    uf = _UnionFind()
+    atoms = {}  # (conv, side, channel) -> node index of the tie graph
     for name, conv in convs.items():
-        for ch in range(conv.in_channels):
-            uf.find((name, IN, ch))
+        for side, width in ((IN, conv.in_channels), (OUT, conv.out_channels)):
+            for ch in range(width):
+                atoms[(name, side, ch)] = len(atoms)
+    ties_a, ties_b = [], []
+
+    def tie(a, b):
+        ties_a.append(atoms[a])
+        ties_b.append(atoms[b])
+
+    for name, conv in convs.items():
         # rooted at the outputs and at the inputs: torch-pruning keeps one root per target channel, so a
         # many-to-one map (r*r conv outputs -> one PixelShuffle channel) is complete only from the input side
         for root_side, fn, width in ((OUT, tp.prune_conv_out_channels, conv.out_channels),
@@ -170,18 +162,21 @@ def auto_grouping(net, example_input, ties=()):
                         raise ValueError(f'automatic channel coupling mapped {name!r} {root_side}put channel '
                                          f'{int(root)} to {target!r} {side}put channel {int(idx)} of {limit}: an op '
                                          'between them changes the channel layout in a way torch-pruning does not model')
-                    uf.union((name, root_side, int(root)), (target, side, int(idx)))
-    for tie in expand_ties(ties, list(convs)):
-        widths = {n: convs[n].out_channels for n in tie}
+                    tie((name, root_side, int(root)), (target, side, int(idx)))
+    for tied in expand_ties(ties, list(convs)):
+        widths = {n: convs[n].out_channels for n in tied}
         if len(set(widths.values())) > 1:
             raise ValueError(f'pruning.tie_outputs: tied convs have different output widths {widths}')
-        for other in tie[1:]:
+        for other in tied[1:]:
             for ch in range(widths[other]):
-                uf.union((tie[0], OUT, ch), (other, OUT, ch))
+                tie((tied[0], OUT, ch), (other, OUT, ch))
 
-    sides = {comp: set() for comp in {uf.find(a) for a in list(uf.parent)}}
-    for atom in list(uf.parent):
-        sides[uf.find(atom)].add(atom[1])
+    tie_graph = coo_matrix((np.ones(len(ties_a)), (ties_a, ties_b)), shape=(len(atoms), len(atoms)))
+    _, labels = connected_components(tie_graph, directed=False)
+    component = {atom: int(labels[i]) for atom, i in atoms.items()}
+    sides = {}
+    for atom, comp in component.items():
+        sides.setdefault(comp, set()).add(atom[1])
     position, groups = {}, OrderedDict()
 
     def assign(comps, group_name):
@@ -197,12 +192,12 @@ def auto_grouping(net, example_input, ties=()):
             groups[name] = ChannelGroup(len(part), prunable=flag)
 
     for name, conv in convs.items():
-        assign([uf.find((name, OUT, ch)) for ch in range(conv.out_channels)], name.replace('.', '_'))
+        assign([component[(name, OUT, ch)] for ch in range(conv.out_channels)], name.replace('.', '_'))
     for name, conv in convs.items():  # channels no conv writes: the image input
-        assign([uf.find((name, IN, ch)) for ch in range(conv.in_channels)], name.replace('.', '_') + '_in')
+        assign([component[(name, IN, ch)] for ch in range(conv.in_channels)], name.replace('.', '_') + '_in')
 
     def side_of(name, side, channels):
-        pos = [position[uf.find((name, side, ch))] for ch in range(channels)]
+        pos = [position[component[(name, side, ch)]] for ch in range(channels)]
         group = pos[0][0]
         if all(g == group for g, _ in pos) and [p for _, p in pos] == list(range(groups[group].size)):
             return group
