@@ -148,3 +148,38 @@ def hypernetwork_ratios(hyper, specs):
     kept_in, kept_out = hyper.kept_conv_channels()
     return PruneRatios(original=count(specs), channel=count(specs, kept_in, kept_out),
                        pruned=count(specs, kept_in, kept_out, hyper.kept_weights()))
+
+
+def mask_ratios(specs, grouping, group_masks=None, weight_masks=None):
+    """:class:`PruneRatios` of a plain network pruned by masks (SRP, L1-norm, ASSL, ISS-P, LTH, ...).
+
+    Args:
+        specs (dict): conv name -> ConvSpec of the dense network (:func:`trace_conv_specs`).
+        grouping (ChannelGrouping | None): its channel groups; None: no channel is pruned.
+        group_masks (dict | None): group name -> bool (size,) keep mask; a group left out (or None)
+            keeps every channel.
+        weight_masks (dict | None): conv name -> bool (c_out, c_in, kh, kw) kept single weights; a
+            conv left out keeps every weight of its kept channels.
+
+    Returns:
+        PruneRatios: ``channel`` counts kept channels only, ``pruned`` the kept weights inside them.
+    """
+    from .finalize import conv_channel_masks
+
+    if grouping is None:
+        sides = {name: (torch.ones(s.in_channels, dtype=torch.bool), torch.ones(s.out_channels, dtype=torch.bool))
+                 for name, s in specs.items()}
+    else:
+        full = {g: torch.ones(group.size, dtype=torch.bool) for g, group in grouping.groups.items()}
+        full.update({g: m.detach().cpu().bool() for g, m in (group_masks or {}).items()})
+        sides = conv_channel_masks(grouping, full)
+    kept_in, kept_out, kept_weights = {}, {}, {}
+    for name, (m_in, m_out) in sides.items():
+        kept_in[name], kept_out[name] = int(m_in.sum()), int(m_out.sum())
+        if weight_masks is not None and name in weight_masks:
+            w = weight_masks[name].detach().cpu().bool()
+            kept_weights[name] = int(w[m_out][:, m_in].sum())
+        else:
+            kept_weights[name] = kept_in[name] * kept_out[name] * specs[name].kernel_area
+    return PruneRatios(original=count(specs), channel=count(specs, kept_in, kept_out),
+                       pruned=count(specs, kept_in, kept_out, kept_weights))

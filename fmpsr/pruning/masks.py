@@ -57,15 +57,49 @@ def get_weight_masks(net):
     return masks
 
 
+def update_weight_masks(net, masks):
+    """Set the weight masks of ``net`` in place, keeping its parameters (an optimiser built over
+    them stays valid): a conv that already carries a :class:`WeightMask` gets its mask copied in, any
+    other conv gets one registered (``register_parametrization`` keeps the same Parameter object as
+    ``original``). The masked-out weights are set to zero in the stored parameter too.
+
+    Args:
+        net (nn.Module): the network (not a DDP wrapper).
+        masks (dict): conv module name -> bool tensor of the weight's shape (c_out, c_in, kh, kw).
+
+    Raises:
+        KeyError, ValueError: as :func:`apply_weight_masks`.
+    """
+    for name, mask in masks.items():
+        try:
+            module = net.get_submodule(name)
+        except AttributeError as error:
+            raise KeyError(f'weight mask for {name!r}: the network has no such module') from error
+        existing = [p for p in (module.parametrizations['weight'] if parametrize.is_parametrized(module, 'weight')
+                                else []) if isinstance(p, WeightMask)]
+        if not existing:
+            apply_weight_masks(net, {name: mask})
+            continue
+        holder = existing[0]
+        if tuple(mask.shape) != tuple(holder.mask.shape):
+            raise ValueError(f'weight mask for {name!r} has shape {tuple(mask.shape)}, '
+                             f'the weight has {tuple(holder.mask.shape)}')
+        with torch.no_grad():
+            holder.mask.copy_(mask.to(holder.mask.device).bool())
+            module.parametrizations['weight'].original.mul_(holder.mask)
+
+
 def plain_state_dict(net):
-    """``net.state_dict()`` with masked weights under plain ``name.weight`` keys (CPU tensors)."""
+    """``net.state_dict()`` with parametrized weights (weight masks, weight normalisation) under
+    plain ``name.weight`` keys holding the computed weight (CPU tensors)."""
     state = {}
     for key, value in net.state_dict().items():
-        if '.parametrizations.weight.' in key:
-            prefix, _, rest = key.partition('.parametrizations.weight.')
-            if rest == 'original':
-                masked = net.get_submodule(prefix).weight
-                state[f'{prefix}.weight'] = masked.detach().cpu().clone()
+        if '.parametrizations.' in key:
+            prefix, _, rest = key.partition('.parametrizations.')
+            tensor_name = rest.split('.')[0]
+            if f'{prefix}.{tensor_name}' not in state:
+                computed = getattr(net.get_submodule(prefix), tensor_name)
+                state[f'{prefix}.{tensor_name}'] = computed.detach().cpu().clone()
             continue
         state[key] = value.detach().cpu().clone()
     return state
