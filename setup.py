@@ -1,6 +1,8 @@
 """fmpsr: Flexible Meta Pruning (and friends) for image super-resolution, as a BasicSR plug-in."""
 from setuptools import find_packages, setup
 
+ONNX = ['onnx>=1.15', 'onnxruntime>=1.17', 'onnxscript']
+
 setup(
     name='fmpsr',
     version='0.1.0',
@@ -22,7 +24,17 @@ setup(
         'opencv-python',
         'tensorboard',
         'torch-pruning>=1.6,<1.7',  # DependencyGraph for automatic channel coupling (fmpsr.pruning.coupling)
+        'matplotlib',  # the methods' figures (SRP Fig. 3, ISS-P dynamics), benchmark and comparison plots
+        'networkx',  # WS-flex relational-graph kernel masks (fmpsr.pruning.kernel_masks)
     ],
-    extras_require={'test': ['pytest', 'hypothesis']},
+    extras_require={
+        'onnx': ONNX,
+        # the ONNX export is tested in CI, so the test extra carries it
+        'test': ['pytest', 'hypothesis'] + ONNX,
+    },
+    entry_points={'console_scripts': [
+        'fmpsr-infer = fmpsr.deploy.inference:main',
+        'fmpsr-export-onnx = fmpsr.deploy.onnx_export:main',
+    ]},
     license='Apache-2.0',
 )

@@ -14,9 +14,54 @@ Every fix here is for a known breakage of basicsr 1.4.2 (see ``shared/REFERENCE.
 """
 import os
 import os.path as osp
+import pickle
 import sys
 
 _PATCHED = False
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint refused because loading it would run code (it pickles more than tensors and
+    plain containers). The message names the file and the object torch's safe unpickler refused."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that is truncated or not a torch file at all; the message names the file."""
+
+
+def safe_torch_load(path, map_location='cpu', what='checkpoint'):
+    """``torch.load(path, weights_only=True)`` with errors a user can read.
+
+    Args:
+        path (str): a ``.pth`` / ``.state`` file.
+        map_location: as for ``torch.load``.
+        what (str): what the file is, for messages (e.g. ``'path.resume_state'``).
+
+    Returns:
+        whatever the file holds (tensors, dicts, lists, numbers, strings).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: the file holds pickled objects whose loading would run code
+            (``weights_only=True`` refused them); names the file and the refused object.
+        CorruptCheckpointError: the file is truncated or not a torch checkpoint.
+    """
+    import torch
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'{what}: no such file {path!r}')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines()]
+        detail = next((line for line in lines if 'nsupported' in line or 'not an allowed global' in line), '')
+        raise UnsafeCheckpointError(
+            f'{what} {path!r} was refused: loading it would run code stored in the file (it pickles Python '
+            f'objects, not only tensors{"; " + detail if detail else ""}). fmpsr loads checkpoints with '
+            'torch.load(weights_only=True); re-save its state dict from a source you trust') from error
+    except (RuntimeError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CorruptCheckpointError(f'{what} {path!r} cannot be read: it is truncated or not a torch checkpoint '
+                                     f'({reason})') from error
 
 
 def _alias_functional_tensor():
@@ -97,26 +142,51 @@ def resume_map_location():
     return 'cpu'
 
 
+def remove_stale_temporary_files(experiments_root):
+    """Remove the temporary files (``.<name>.<random>.tmp``) that a run killed inside
+    :func:`fmpsr.pruning.export.atomic_write` left in ``models/``, ``training_states/`` and ``export/``.
+
+    Returns:
+        list[str]: the removed paths.
+    """
+    removed = []
+    for sub in ('models', 'training_states', 'export'):
+        folder = osp.join(experiments_root, sub)
+        if not osp.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if name.startswith('.') and name.endswith('.tmp'):
+                try:
+                    os.remove(osp.join(folder, name))
+                    removed.append(osp.join(folder, name))
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
 def load_resume_state(opt):
     """Find and load the training state to resume from (replaces basicsr's version).
 
     With ``opt['auto_resume']`` the newest ``<experiments_root>/training_states/<iter>.state`` is
-    used; otherwise ``opt['path']['resume_state']`` if set. Loading never executes code from the
-    file (``weights_only=True``).
+    used (and rank 0 removes the temporary files of a write the killed run did not finish);
+    otherwise ``opt['path']['resume_state']`` if set. Loading never executes code from the file
+    (``weights_only=True``).
 
     Returns:
         dict | None: the state, or None when there is nothing to resume.
 
     Raises:
         FileNotFoundError: ``path.resume_state`` names a file that does not exist.
+        UnsafeCheckpointError, CorruptCheckpointError: see :func:`safe_torch_load`.
     """
-    import torch
     from basicsr.utils import check_resume, scandir
 
     resume_state_path = None
     if opt['auto_resume']:
-        state_path = osp.join(opt['path'].get('experiments_root') or osp.join('experiments', opt['name']),
-                              'training_states')
+        experiments_root = opt['path'].get('experiments_root') or osp.join('experiments', opt['name'])
+        state_path = osp.join(experiments_root, 'training_states')
+        if opt.get('rank', 0) == 0:
+            remove_stale_temporary_files(experiments_root)
         if osp.isdir(state_path):
             states = list(scandir(state_path, suffix='state', recursive=False, full_path=False))
             states = [int(v.split('.state')[0]) for v in states if v.split('.state')[0].isdigit()]
@@ -127,9 +197,7 @@ def load_resume_state(opt):
         resume_state_path = opt['path']['resume_state']
     if resume_state_path is None:
         return None
-    if not osp.isfile(resume_state_path):
-        raise FileNotFoundError(f'path.resume_state: no such file {resume_state_path!r}')
-    resume_state = torch.load(resume_state_path, map_location=resume_map_location(), weights_only=True)
+    resume_state = safe_torch_load(resume_state_path, resume_map_location(), what='path.resume_state')
     check_resume(opt, resume_state['iter'])
     return resume_state
 

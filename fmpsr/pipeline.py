@@ -1,8 +1,8 @@
 """What fmpsr adds to BasicSR's ``train_pipeline`` / ``test_pipeline`` (installed by ``import fmpsr``).
 
 * Options are checked right after parsing, before any experiment folder is made or renamed: the
-  model class's ``check_options(opt)`` (unknown pruning keys, bad targets, scale mismatch, ...) and
-  every paired data set (:mod:`fmpsr.data.checks`).
+  model class's ``check_options(opt)`` (unknown pruning keys, bad targets, scale mismatch, ...), the
+  files named under ``path`` and every data set (:mod:`fmpsr.data.checks`).
 * The training set is wrapped in :class:`~fmpsr.data.sampling.SeededDataset` and sampled by
   :class:`~fmpsr.data.sampling.ResumableSampler`: augmentations depend only on (manual_seed, epoch,
   index), and a resumed run skips the samples its killed predecessor consumed in that epoch, so it
@@ -16,7 +16,7 @@ import basicsr.train
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from .compat import load_resume_state
-from .data.checks import check_datasets
+from .data.checks import check_datasets, check_paths
 from .data.sampling import ResumableSampler, SeededDataset
 
 _STATE = {'seed': None, 'resume': None, 'sampler': None}
@@ -24,15 +24,21 @@ _ORIGINAL = {}
 
 
 def check_options(opt):
-    """Run the model class's ``check_options`` (if it has one) and the data set checks.
+    """Run the model class's ``check_options`` (if it has one), the path checks and the data set checks.
 
     Raises:
         ValueError (and subclasses): naming the key, folder or file at fault.
-        KeyError: an unknown ``model_type``.
+        KeyError: an unknown or missing ``model_type`` (the known ones are listed).
+        FileNotFoundError: a file named under ``path`` that does not exist (key and path named).
     """
-    model_cls = MODEL_REGISTRY.get(opt['model_type'])
+    model_type = opt.get('model_type')
+    if model_type not in MODEL_REGISTRY:
+        known = sorted(name for name, _ in MODEL_REGISTRY)
+        raise KeyError(f'model_type: unknown model {model_type!r} (known: {known})')
+    model_cls = MODEL_REGISTRY.get(model_type)
     if hasattr(model_cls, 'check_options'):
         model_cls.check_options(opt)
+    check_paths(opt)
     check_datasets(opt)
 
 

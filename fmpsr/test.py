@@ -1,5 +1,9 @@
 """Test with fmpsr's archs and models: ``python fmpsr/test.py -opt X.yml`` (BasicSR's
-``test_pipeline``: PSNR / SSIM on the datasets of the option file)."""
+``test_pipeline``: PSNR / SSIM on the datasets of the option file).
+
+Bad input (an option, data set or checkpoint) ends with one line ``fmpsr: error: <what, where, what
+would be valid>`` and exit status 2 (:func:`fmpsr.cli.run_cli`); ``--debug`` or ``FMPSR_TRACEBACK=1``
+shows the traceback."""
 import os.path as osp
 import sys
 
@@ -10,5 +14,7 @@ if ROOT not in sys.path:
 import fmpsr  # noqa: E402,F401
 from basicsr.test import test_pipeline  # noqa: E402
 
+from fmpsr.cli import run_cli  # noqa: E402
+
 if __name__ == '__main__':
-    test_pipeline(ROOT)
+    run_cli(lambda: test_pipeline(ROOT))

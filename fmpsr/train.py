@@ -1,5 +1,9 @@
 """Train with fmpsr's archs and models: ``python fmpsr/train.py -opt X.yml [--launcher pytorch|slurm]
-[--auto_resume] [--debug]`` (BasicSR's ``train_pipeline``)."""
+[--auto_resume] [--debug]`` (BasicSR's ``train_pipeline``).
+
+Bad input (an option, data set or checkpoint) ends with one line ``fmpsr: error: <what, where, what
+would be valid>`` and exit status 2 (:func:`fmpsr.cli.run_cli`); ``--debug`` or ``FMPSR_TRACEBACK=1``
+shows the traceback."""
 import os.path as osp
 import sys
 
@@ -10,8 +14,14 @@ if ROOT not in sys.path:  # run as a script from a source checkout
 import fmpsr  # noqa: E402,F401  (patches basicsr, registers archs / models)
 from basicsr.train import train_pipeline  # noqa: E402
 
+from fmpsr.cli import run_cli  # noqa: E402
 from fmpsr.pipeline import close_process_group  # noqa: E402
 
-if __name__ == '__main__':
+
+def main():
     train_pipeline(ROOT)
     close_process_group()
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -190,4 +190,6 @@ def format_table(s):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.path.insert(0, ROOT)
+    from fmpsr.cli import run_cli  # one line on stderr, exit status 2 for bad input (FMPSR_TRACEBACK=1: traceback)
+    run_cli(main, prog='demo.py', use_return_code=True)

@@ -237,3 +237,40 @@ def test_build_network_from_registry():
     assert net.body[0].conv1.out_channels == 3 and net.body[1].esa.conv3.out_channels == 1
     with torch.no_grad():
         assert net(torch.randn(1, 3, 15, 16)).shape == (1, 3, 30, 32)
+
+
+# ---------------------------------------------------------------- per-boundary stream widths
+
+STREAM = [10, 4, 7]  # c_0 (head, global skip), c_1 (block 0 output), c_2 (block 1 output)
+
+
+def test_stream_feats_give_exact_conv_shapes():
+    net = LSRB(num_feat=10, num_block=2, upscale=3, esa_channels=16, mid_feats=MID, esa_feats=ESA, stream_feats=STREAM)
+    c0, c1, c2 = STREAM
+    expected = {'conv_first': (c0, 3, 3, 3), 'conv_after_body': (c0, c2, 3, 3), 'upsampler': (27, c0, 3, 3)}
+    for i, (c_in, c_out, mid, (f1, f2, f3)) in enumerate(zip(STREAM, STREAM[1:], MID, ESA)):
+        p = f'body.{i}'
+        expected.update({
+            f'{p}.conv1': (mid, c_in, 3, 3), f'{p}.conv2': (c_in, mid, 3, 3), f'{p}.conv1x1': (c_out, c_in, 1, 1),
+            f'{p}.esa.conv1': (f1, c_out, 1, 1), f'{p}.esa.conv2': (f2, f1, 3, 3), f'{p}.esa.conv3': (f3, f2, 3, 3),
+            f'{p}.esa.conv_f': (f3, f1, 1, 1), f'{p}.esa.conv4': (c_out, f3, 1, 1)})
+    assert {n: tuple(m.weight.shape) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)} == expected
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 15, 17)).shape == (1, 3, 45, 51)
+
+
+def test_uniform_stream_feats_is_the_default_network():
+    torch.manual_seed(0)
+    default = LSRB(num_feat=48, num_block=6, upscale=4)
+    torch.manual_seed(0)
+    explicit = LSRB(num_feat=48, num_block=6, upscale=4, stream_feats=[48] * 7)
+    assert num_params(explicit) == 345_504
+    a, b = default.state_dict(), explicit.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize('stream_feats, match', [([8, 8], 'num_block \\+ 1 = 3'), ([6, 8, 8], 'must equal num_feat'),
+                                                 ([8, 0, 8], 'every width')])
+def test_bad_stream_feats_raise(stream_feats, match):
+    with pytest.raises(ValueError, match=match):
+        LSRB(num_feat=8, num_block=2, stream_feats=stream_feats)

@@ -25,7 +25,8 @@ from fmpsr.pruning import load_compact
 FULL = sorted(glob.glob(osp.join(ROOT, 'options', 'fmp_*.yml')) + glob.glob(osp.join(ROOT, 'options', 'edsr', '*.yml')))
 TINY = sorted(glob.glob(osp.join(ROOT, 'options', 'tiny', '*.yml')))
 METHOD_KEYS = ('metric', 'criterion', 'weight_reg', 'keep_ratio', 'keep_tolerance', 'weight_indicators', 'grouping',
-               'gamma_c', 'gamma_w', 'tie_outputs')
+               'gamma_c', 'gamma_w', 'tie_outputs', 'indicator_update')
+INDICATOR_KEYS = ('type', 'norm', 'reduction')  # of train.indicator_opt, the same in a tiny form (not loss_weight)
 
 
 def load(path):
@@ -54,6 +55,8 @@ def test_full_file_and_its_tiny_form(path):
     assert tiny['network_g']['upscale'] == opt['network_g']['upscale'] == opt['scale']
     for key in METHOD_KEYS:
         assert tiny['pruning'].get(key) == opt['pruning'].get(key), key
+    for key in INDICATOR_KEYS:
+        assert (tiny['train'].get('indicator_opt') or {}).get(key) == (opt['train'].get('indicator_opt') or {}).get(key), key
     opt['is_train'] = True
     MODEL_REGISTRY.get(opt['model_type']).check_options(opt)  # raises on a bad key or value (data not needed)
     if opt['network_g']['type'] == 'EDSR':  # the backbone of FMP Tables 4-6: 3,696.6 K params
@@ -69,6 +72,70 @@ def macs(net, size=16):
     return counter.get_total_flops() // 2
 
 
+def independent_ratios(dense, compact, masks, size=16):
+    """{metric: (channel ratio, weight ratio)} recounted here: params by numel and mask counts, MACs by
+    FlopCounterMode and forward hooks (pruned weights x output pixels of their conv)."""
+    pixels, hooks = {}, []
+    for name, module in compact.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            hooks.append(module.register_forward_hook(
+                lambda m, i, o, name=name: pixels.__setitem__(name, o.shape[-2:].numel())))
+    with torch.no_grad():
+        compact(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    o_params = sum(p.numel() for p in dense.parameters())
+    c_params = sum(p.numel() for p in compact.parameters())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    with torch.no_grad():
+        o_macs, c_macs = macs(dense, size), macs(compact, size)
+    pruned_macs = sum(int((~m).sum()) * pixels[name] for name, m in masks.items())
+    return {'params': ((o_params - c_params) / o_params, pruned / o_params),
+            'flops': ((o_macs - c_macs) / o_macs, pruned_macs / o_macs)}
+
+
+# DHP stops at the first check (every check_freq iterations) where kept <= keep_ratio + keep_tolerance;
+# between two checks the proximal step may remove more than the tolerance. Tiny runs (check_freq 5,
+# a strong lambda_c) must still end within this much below keep_ratio (measured: see notes/issue13.md).
+KEEP_RATIO_BELOW = 0.1
+
+
+def one_weight(dense, metric, size=16):
+    """What pruning one weight of the costliest conv removes, as a fraction of the dense network (1 param,
+    or its conv's output pixels in MACs): weights are pruned whole and never beyond the target, so a
+    weight target is met within this much (issue 11)."""
+    if metric == 'params':
+        return 1 / sum(p.numel() for p in dense.parameters())
+    pixels = []
+    hooks = [m.register_forward_hook(lambda m, i, o: pixels.append(o.shape[-2:].numel()))
+             for m in dense.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        dense(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return max(pixels) / macs(dense, size)
+
+
+def assert_criterion_met(pruning, channel, weight, slack=0.0):
+    """The option file's convergence criterion holds on independently counted ratios (a weight target
+    within ``slack``, the cost of one weight: :func:`one_weight`)."""
+    c, g_c, g_w = pruning['criterion'], pruning.get('gamma_c'), pruning.get('gamma_w')
+    eps = 1e-12 + slack
+    if c == 'channel':
+        assert channel >= g_c - 1e-12, (channel, g_c)
+    elif c == 'weight':
+        assert weight >= g_w - eps, (weight, g_w)
+    elif c == 'total_fixed':
+        assert channel >= g_c - eps and weight >= g_w - eps, (channel, weight, g_c, g_w)
+    elif c == 'total':
+        assert channel + weight >= g_c + g_w - eps, (channel, weight, g_c, g_w)
+    else:
+        kept = 1 - channel - weight
+        low, high = pruning['keep_ratio'] - KEEP_RATIO_BELOW, pruning['keep_ratio'] + pruning['keep_tolerance']
+        assert low <= kept <= high + eps, (kept, low, high)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('path', TINY, ids=lambda p: osp.basename(p))
 def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
     opt = load(path)
@@ -120,8 +187,14 @@ def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
             assert 5 < yaml.safe_load(f)['tiny_val']['psnr'] < 60
     if opt['model_type'] == 'DHPModel':                          # channels only; stops at keep ratio + 0.02
         assert pruned == 0
-        assert ratios['converged']
         assert ratios['channel_macs'] / ratios['original_macs'] <= opt['pruning']['keep_ratio'] + 0.02
+    # every tiny run converges (not stopped by max_prune_iter) and meets its criterion's target,
+    # checked on ratios counted here, in the file's metric
+    channel, weight = independent_ratios(dense, compact, masks)[info['pruning']['metric']]
+    print(f"{osp.basename(path)}: converged={ratios['converged']} switch_iter={info['switch_iter']} "
+          f"channel={channel:.4f} weight={weight:.4f}")
+    assert ratios['converged'] is True, f'stopped at max_prune_iter at iteration {info["switch_iter"]}'
+    assert_criterion_met(info['pruning'], channel, weight, one_weight(dense, info['pruning']['metric']))
 
 
 

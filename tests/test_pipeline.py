@@ -1,11 +1,14 @@
 """End to end through BasicSR's entry points: fmpsr/train.py (FMP prune -> finalize -> fine-tune),
 fmpsr/test.py on the export, fine-tuning an export, --auto_resume, and torchrun with gloo on CPU.
 
-A tiny LSRB on a tiny generated data set, a few dozen iterations; each run is a real subprocess.
+A tiny LSRB on a tiny generated data set, a few dozen iterations; each run is a real subprocess, so
+every test here is marked ``slow`` (left out by ``make test-fast``).
 """
 import json
 import os
 import os.path as osp
+import re
+import socket
 import sys
 
 import pytest
@@ -17,6 +20,16 @@ from torch import nn
 
 import fmpsr  # noqa: F401
 from basicsr.archs import build_network
+
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    """A TCP port nobody listens on now (torchrun's --master_port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
 
 @pytest.fixture(scope='module')
 def fmp_run(data, names, tmp_path_factory):
@@ -138,7 +151,11 @@ def test_auto_resume_continues_the_finetune_stage(fmp_run, tmp_path):
     result = run([sys.executable, 'fmpsr/train.py', '-opt', str(yml), '--auto_resume'])
     log = result.stdout + result.stderr
     assert 'Resuming training from epoch: 0, iter: 40.' in log  # 100 batches per epoch here
-    assert 'Resume: skipping the' in log  # the sampler continues inside the resumed epoch
+    assert 'Resume: skipping the 40 batches of epoch 0' in log  # the sampler continues inside the resumed epoch
+    logged = [int(i) for i in re.findall(r'iter:\s+(\d+),', log)]  # print_freq 10
+    assert logged == [50], logged  # only iterations 41-50 ran, not a restart from 1
+    name = osp.basename(fmp_run['exp'])
+    assert not [d for d in os.listdir(osp.join(ROOT, 'experiments')) if d.startswith(f'{name}_archived')]
     assert osp.isfile(osp.join(fmp_run['exp'], 'models', 'net_g_50.pth'))
     state = torch.load(osp.join(fmp_run['exp'], 'training_states', '50.state'), weights_only=True)
     assert state['fmp']['stage'] == 'finetune' and state['iter'] == 50
@@ -148,7 +165,7 @@ def test_torchrun_two_processes_with_gloo(data, names, tmp_path):
     name = names('pytest_ddp')
     yml = tmp_path / 'ddp.yml'
     write_options(yml, name, data, total_iter=30, extra={'datasets.train.batch_size_per_gpu': 1})
-    run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
+    run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
          'fmpsr/train.py', '-opt', str(yml), '--launcher', 'pytorch'], timeout=400)
     exp = osp.join(ROOT, 'experiments', name)
     assert osp.isfile(osp.join(exp, 'export', 'net_g.safetensors'))

@@ -5,9 +5,12 @@ EDSR residual block (conv3x3 - ReLU - conv3x3 + skip), followed by a 1x1 conv an
 attention (ESA). The FMP supplement calls the wide form ESRB (ESRB-6-256 is what FMP prunes).
 
 Every conv width can be given separately, so that a network pruned by channels is an ordinary
-``LSRB`` that loads with a plain ``state_dict``: the stream width ``num_feat`` is shared by every
-conv whose output meets an add or the ESA multiply; each block's inner width and each ESA's three
-inner widths are free.
+``LSRB`` that loads with a plain ``state_dict``. The stream is cut into ``num_block + 1`` block
+boundaries: boundary 0 is the head conv's output (read by block 0, met at block 0's residual add and
+at the global skip by the after-body conv), boundary i >= 1 is block i-1's output ``conv1x1(r) * ESA
+mask`` (read by block i, met at its residual add; the last one is read by the after-body conv). No add
+or multiply joins two boundaries, so each may have its own width (``stream_feats``); by default all
+are ``num_feat``. Each block's inner width and each ESA's three inner widths are free as well.
 """
 import torch
 from torch import nn
@@ -57,18 +60,25 @@ class LSRBlock(nn.Module):
     """One LSRB block: ``r = conv2(relu(conv1(x))) + x``; ``y = esa(conv1x1(r))``.
 
     Args:
-        num_feat (int): Stream width C (input and output).
-        mid_feat (int): Output width of ``conv1`` (the only free width of the residual part).
+        num_feat (int): Input width C_in (also ``conv2``'s output, which meets the input at the add).
+        mid_feat (int | None): Output width of ``conv1`` (the free width of the residual part);
+            None means ``num_feat``.
         esa_channels (int | sequence[int]): ESA inner widths, see :class:`ESA`.
+        out_feat (int | None): Output width C_out of ``conv1x1`` and of the ESA (the next block
+            boundary); None means ``num_feat``.
+
+    Shapes:
+        x: (B, C_in, H, W), H, W >= 15 pixels -> (B, C_out, H, W).
     """
 
-    def __init__(self, num_feat, mid_feat=None, esa_channels=16):
+    def __init__(self, num_feat, mid_feat=None, esa_channels=16, out_feat=None):
         super().__init__()
         mid_feat = num_feat if mid_feat is None else mid_feat
+        out_feat = num_feat if out_feat is None else out_feat
         self.conv1 = nn.Conv2d(num_feat, mid_feat, 3, padding=1)
         self.conv2 = nn.Conv2d(mid_feat, num_feat, 3, padding=1)
-        self.conv1x1 = nn.Conv2d(num_feat, num_feat, 1)
-        self.esa = ESA(num_feat, esa_channels)
+        self.conv1x1 = nn.Conv2d(num_feat, out_feat, 1)
+        self.esa = ESA(out_feat, esa_channels)
 
     def forward(self, x):
         r = self.conv2(F.relu(self.conv1(x))) + x
@@ -89,7 +99,8 @@ class LSRB(nn.Module):
     Args:
         num_in_ch (int): Image channels in. Default: 3.
         num_out_ch (int): Image channels out. Default: 3.
-        num_feat (int): Stream width C. Default: 48.
+        num_feat (int): Stream width C (every block boundary when ``stream_feats`` is not given).
+            Default: 48.
         num_block (int): Number of blocks N. Default: 6.
         upscale (int): Scale factor s; the upsampler conv has ``num_out_ch * s * s`` outputs. Default: 4.
         esa_channels (int): ESA inner width f when ``esa_feats`` is not given. Default: 16.
@@ -97,29 +108,53 @@ class LSRB(nn.Module):
             ``num_feat`` everywhere (the dense network). Used by pruned (compact) networks.
         esa_feats (list[list[int]] | None): Per-block ESA widths ``[f1, f2, f3]``; None means
             ``esa_channels`` everywhere.
+        stream_feats (list[int] | None): Widths ``[c_0, ..., c_N]`` of the N + 1 block boundaries:
+            ``c_0`` is the output of ``conv_first`` and ``conv_after_body`` (they meet at the global
+            skip), the input of the upsampler, and block 0's input and residual width; ``c_i``
+            (i >= 1) is the output of block i-1 (its ``conv1x1``, ESA and ``esa.conv4``), the input
+            and residual width of block i, and for i = N the input of ``conv_after_body``. None
+            means ``num_feat`` everywhere (the dense network); when given, ``c_0`` must equal
+            ``num_feat``. Written by the per-boundary pruning grouping
+            (:func:`fmpsr.pruning.grouping.lsrb_boundary_grouping`).
 
     Shapes:
-        x: (B, num_in_ch, H, W), H, W >= 15 LR pixels -> (B, num_out_ch, s*H, s*W).
+        x: (B, num_in_ch, H, W), H, W >= 15 LR pixels -> (B, num_out_ch, s*H, s*W); inside,
+        ``f = conv_first(x)``: (B, c_0, H, W); block i maps (B, c_i, H, W) -> (B, c_{i+1}, H, W);
+        ``conv_after_body``: (B, c_N, H, W) -> (B, c_0, H, W); ``upsampler``: (B, c_0, H, W) ->
+        (B, num_out_ch * s * s, H, W).
 
     Raises:
-        ValueError: a per-block width list whose length is not ``num_block``, or a width < 1.
+        ValueError: a per-block width list whose length is not ``num_block``, ``stream_feats`` whose
+            length is not ``num_block + 1`` or whose first entry differs from ``num_feat``, or a
+            width < 1.
     """
 
     def __init__(self, num_in_ch=3, num_out_ch=3, num_feat=48, num_block=6, upscale=4, esa_channels=16,
-                 mid_feats=None, esa_feats=None):
+                 mid_feats=None, esa_feats=None, stream_feats=None):
         super().__init__()
         mid_feats = [num_feat] * num_block if mid_feats is None else list(mid_feats)
         esa_feats = [[esa_channels] * 3] * num_block if esa_feats is None else [list(e) for e in esa_feats]
         for key, value in (('mid_feats', mid_feats), ('esa_feats', esa_feats)):
             if len(value) != num_block:
                 raise ValueError(f'LSRB: {key} has {len(value)} entries, expected num_block={num_block}')
-        widths = [num_feat] + mid_feats + [w for e in esa_feats for w in _triple(e)]
+        if stream_feats is None:
+            stream_feats = [num_feat] * (num_block + 1)
+        else:
+            stream_feats = [int(c) for c in stream_feats]
+            if len(stream_feats) != num_block + 1:
+                raise ValueError(f'LSRB: stream_feats has {len(stream_feats)} entries, expected num_block + 1 = '
+                                 f'{num_block + 1} (one per block boundary)')
+            if stream_feats[0] != num_feat:
+                raise ValueError(f'LSRB: stream_feats[0] = {stream_feats[0]} (the head conv width) must equal '
+                                 f'num_feat = {num_feat}')
+        widths = stream_feats + mid_feats + [w for e in esa_feats for w in _triple(e)]
         if min(widths) < 1:
             raise ValueError(f'LSRB: every width must be >= 1, got {widths}')
         self.upscale = upscale
-        self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, padding=1)
-        self.body = nn.Sequential(*[LSRBlock(num_feat, m, e) for m, e in zip(mid_feats, esa_feats)])
-        self.conv_after_body = nn.Conv2d(num_feat, num_feat, 3, padding=1)
+        self.conv_first = nn.Conv2d(num_in_ch, stream_feats[0], 3, padding=1)
+        self.body = nn.Sequential(*[
+            LSRBlock(stream_feats[i], m, e, stream_feats[i + 1]) for i, (m, e) in enumerate(zip(mid_feats, esa_feats))])
+        self.conv_after_body = nn.Conv2d(stream_feats[-1], num_feat, 3, padding=1)
         self.upsampler = nn.Conv2d(num_feat, num_out_ch * upscale * upscale, 3, padding=1)
         self.pixel_shuffle = nn.PixelShuffle(upscale)
 

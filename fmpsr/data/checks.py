@@ -4,6 +4,7 @@ BasicSR finds most of these problems late (an assertion inside ``paired_paths_fr
 ``ZeroDivisionError`` for an empty folder, an ``AttributeError`` deep in a worker for an unreadable
 image). :func:`check_paired_dataset` runs on the options alone, before any experiment folder is
 made. It reads only image headers (PIL), so it is cheap even for DF2K sub-images.
+:func:`check_paths` checks the checkpoint and mask files named under ``path``.
 
 Grayscale and RGBA images need no check: BasicSR decodes with ``cv2.IMREAD_COLOR``, which converts
 them to 3-channel BGR.
@@ -135,6 +136,58 @@ def _check_lmdb_pair(gt_root, lq_root, scale, where, exact):
 
 
 def check_datasets(opt):
-    """Check every paired data set of a parsed option file (see :func:`check_paired_dataset`)."""
+    """Check every data set of a parsed option file: paired ones fully (:func:`check_paired_dataset`),
+    others for the existence of their ``dataroot_*`` folders and ``meta_info_file``."""
     for phase_key, dataset_opt in (opt.get('datasets') or {}).items():
         check_paired_dataset(dataset_opt, opt.get('scale', 1), phase_key)
+        if dataset_opt.get('type') not in PAIRED_TYPES:
+            _check_roots_exist(dataset_opt, f'datasets.{phase_key}')
+        meta = dataset_opt.get('meta_info_file')
+        if meta and not osp.isfile(meta):
+            raise DataCheckError(f'datasets.{phase_key}.meta_info_file: no such file {meta!r}')
+
+
+def _check_roots_exist(dataset_opt, where):
+    for key, root in dataset_opt.items():
+        if key.startswith('dataroot') and isinstance(root, str) and not osp.exists(root):
+            raise DataCheckError(f'{where}.{key}: {root!r} does not exist')
+
+
+def _will_resume(opt):
+    """True when BasicSR will resume from a training state (whose checkpoint then replaces
+    ``path.pretrain_network_*``)."""
+    path = opt.get('path') or {}
+    if opt.get('auto_resume'):
+        root = path.get('experiments_root') or osp.join('experiments', str(opt.get('name')))
+        states = osp.join(root, 'training_states')
+        if osp.isdir(states) and any(f.endswith('.state') for f in os.listdir(states)):
+            return True
+        return False
+    return bool(path.get('resume_state'))
+
+
+def check_paths(opt):
+    """Check that the files the option file names exist, before any experiment folder is made or
+    renamed (a typo must not move an earlier run to ``*_archived_*``).
+
+    Checked: ``path.resume_state`` (unless ``--auto_resume``), every ``path.pretrain_network_*``
+    (unless the run resumes, which replaces it), ``path.weight_masks``. Data set folders and LMDBs are
+    checked by :func:`check_datasets`.
+
+    Raises:
+        FileNotFoundError: the key and the missing path are named.
+    """
+    path = opt.get('path') or {}
+    resume = path.get('resume_state')
+    if resume and not opt.get('auto_resume') and not osp.isfile(resume):
+        raise FileNotFoundError(f'path.resume_state: no such file {resume!r}')
+    resuming = _will_resume(opt)
+    for key, value in path.items():
+        if key.startswith('pretrain_network') and value and not resuming and not osp.isfile(value):
+            hint = ''
+            if osp.isdir(value):
+                hint = ' (it is a folder: name the file, e.g. its net_g.safetensors)'
+            raise FileNotFoundError(f'path.{key}: no such file {value!r}{hint}')
+    masks = path.get('weight_masks')
+    if masks and not osp.isfile(masks):
+        raise FileNotFoundError(f'path.weight_masks: no such file {masks!r}')

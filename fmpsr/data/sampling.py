@@ -21,6 +21,10 @@ import torch
 from basicsr.data.data_sampler import EnlargedSampler
 
 
+class DataLoadError(RuntimeError):
+    """A training pair that fails to load; the message names its GT and LQ files (or LMDB keys)."""
+
+
 class SampleKey(NamedTuple):
     """What :class:`ResumableSampler` yields: the epoch and the index in the enlarged epoch."""
     epoch: int
@@ -67,7 +71,8 @@ class SeededDataset(torch.utils.data.Dataset):
     ``dataset[SampleKey(epoch, v)]`` loads item ``v % len(dataset)``; a plain int is passed through.
 
     Raises:
-        RuntimeError: an item fails to load; the message names the GT and LQ files (or LMDB keys).
+        DataLoadError (a RuntimeError): an item fails to load; the message names the GT and LQ files
+            (or LMDB keys).
     """
 
     def __init__(self, dataset, seed):
@@ -92,7 +97,7 @@ class SeededDataset(torch.utils.data.Dataset):
         try:
             return self.dataset[index]
         except Exception as error:  # name the files, keep the original error as the cause
-            raise RuntimeError(f'cannot load training pair {index}: {describe_item(self.dataset, index)} '
+            raise DataLoadError(f'cannot load training pair {index}: {describe_item(self.dataset, index)} '
                                f'({type(error).__name__}: {error}); the file may be unreadable or truncated') from error
 
 

@@ -6,9 +6,14 @@ The run has two stages (FMP Sec. 3.4, 4.4; DHP's search-then-finetune):
    hypernetwork form, with channel groups from the arch's hand-written grouping or from the
    dependency graph (``pruning.grouping``, :mod:`fmpsr.pruning.coupling`); each
    iteration minimises ``L_rec + alpha D(Theta_H) + lambda_W R(Z_W)`` (FMP Eq. 4; alpha is
-   ``train.optim_g.weight_decay``, applied to the hypernetwork parameters only), then applies the
-   proximal step to the channel vectors (Eqs. 9-10). Every ``pruning.check_freq`` iterations the
-   masks are updated and the convergence rule evaluated (:mod:`fmpsr.pruning.fmp`).
+   ``train.optim_g.weight_decay``, applied to the hypernetwork parameters only; lambda_W R(Z_W) is the
+   loss ``train.indicator_opt``, :class:`fmpsr.losses.weight_indicator_loss.WeightIndicatorLoss`),
+   then applies the proximal step to the channel vectors (Eqs. 9-10) and, with
+   ``pruning.indicator_update: proximal``, to the weight indicators. The weight indicators are a
+   parameter group of ``optim_g`` or, with ``pruning.indicator_optim``, have their own optimiser (SGD
+   in FMP Sec. 3.4), which goes into ``self.optimizers`` so BasicSR's schedulers, checkpoints and
+   resume cover it. Every ``pruning.check_freq`` iterations the masks are updated and the
+   convergence rule evaluated (:mod:`fmpsr.pruning.fmp`).
 2. ``finetune``: at convergence (or at ``pruning.max_prune_iter``) the hypernetwork is finalized into
    a compact plain network whose pruned weights stay at zero; the optimiser and scheduler are built
    anew (``train.finetune`` may override ``optim_g`` / ``scheduler``) and training goes on until
@@ -16,19 +21,60 @@ The run has two stages (FMP Sec. 3.4, 4.4; DHP's search-then-finetune):
    switch and again at every checkpoint of the fine-tune stage (so it always holds the latest one).
 """
 import copy
+import dataclasses
 from collections import OrderedDict
 
 import torch
 
 from basicsr.archs import build_network
+from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from fmpsr.losses.weight_indicator_loss import WeightIndicatorLoss
 from fmpsr.pruning import FMPConfig, FMPPruner, HyperNetwork, build_grouping, finalize, trace_conv_specs
+from fmpsr.pruning.coupling import check_prunable
 from fmpsr.pruning.grouping import GROUPINGS
 
 from .pruning_model import ESA_ARCHS, ESA_MIN_LR_SIZE, PRUNE, PruningModel, check_patch_size  # noqa: F401
+
+
+# the older keys of the pruning section and the WeightIndicatorLoss argument each stands for
+LEGACY_LOSS_KEYS = {'lambda_w': 'loss_weight', 'weight_reg': 'norm', 'weight_reg_reduction': 'reduction'}
+
+
+def build_indicator_loss(indicator_opt):
+    """The weight-indicator regulariser from ``train.indicator_opt`` (BasicSR's ``build_loss``).
+
+    Raises:
+        ValueError: not a dict with ``type``, an unregistered type, or arguments the loss rejects.
+    """
+    if not isinstance(indicator_opt, dict) or 'type' not in indicator_opt:
+        raise ValueError(f'train.indicator_opt must be a dict with a type (e.g. {{type: WeightIndicatorLoss, '
+                         f'loss_weight: 0.02, norm: l1, reduction: sum}}), got {indicator_opt!r}')
+    try:
+        return build_loss(dict(indicator_opt))
+    except KeyError as err:
+        raise ValueError(f"train.indicator_opt.type: no loss named {indicator_opt['type']!r} is registered") from err
+    except TypeError as err:
+        raise ValueError(f'train.indicator_opt: {err}') from err
+
+
+def build_indicator_optimizer(optim_opt, params):
+    """``torch.optim.<type>(params, **rest)`` from ``pruning.indicator_optim`` (FMP Sec. 3.4: SGD).
+
+    The group is named 'weight' (its lr is the step of the indicators' proximal operator).
+
+    Raises:
+        ValueError: arguments the optimiser rejects (named).
+    """
+    optim_opt = dict(optim_opt)
+    optim_type = optim_opt.pop('type')
+    try:
+        return getattr(torch.optim, optim_type)([{'params': params, 'name': 'weight'}], **optim_opt)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f'pruning.indicator_optim ({optim_type}): {err}') from err
 
 
 @MODEL_REGISTRY.register()
@@ -64,6 +110,43 @@ class FMPModel(PruningModel):
                            f'grouping (known: {sorted(GROUPINGS)}); use pruning.grouping: auto')
         if config.tie_outputs and (config.grouping or ('hand' if arch in GROUPINGS else 'auto')) != 'auto':
             raise ValueError('pruning.tie_outputs applies to pruning.grouping: auto only (set pruning.grouping: auto)')
+        # convs the hypernetwork cannot couple (computed weights, grouped convs, ops that mix channels) are
+        # refused here, before any experiment folder exists (fmpsr.pruning.coupling.check_prunable)
+        check_prunable(opt['network_g'], config.macs_input_size, config.tie_outputs, config.exclude, config.grouping)
+        if config.weight_indicators and config.indicator_optim is not None:  # bad arguments named now, not later
+            build_indicator_optimizer(config.indicator_optim, [torch.zeros(1, requires_grad=True)])
+        return cls.indicator_loss_config(opt, config)
+
+    @classmethod
+    def indicator_loss_config(cls, opt, config):
+        """Map ``train.indicator_opt`` (the weight-indicator regulariser as a BasicSR loss) onto ``config``.
+
+        ``train.indicator_opt`` and the older keys ``pruning.lambda_w`` / ``weight_reg`` /
+        ``weight_reg_reduction`` say the same thing: either may be given, not both.
+
+        Returns:
+            FMPConfig: ``config`` with ``lambda_w``, ``weight_reg``, ``weight_reg_reduction`` from the loss.
+
+        Raises:
+            ValueError: both forms given; ``train.indicator_opt`` not a dict with a registered ``type``,
+                or bad arguments (named).
+        """
+        indicator_opt = (opt.get('train') or {}).get('indicator_opt')
+        if indicator_opt is None:
+            return config
+        legacy = [k for k in LEGACY_LOSS_KEYS if k in (opt.get('pruning') or {})]
+        if legacy:
+            old = ', '.join(f'pruning.{k}' for k in legacy)
+            new = ', '.join(f'{LEGACY_LOSS_KEYS[k]}: {opt["pruning"][k]}' for k in legacy)
+            raise ValueError(f'the weight-indicator regulariser is given twice, in train.indicator_opt and in {old}: '
+                             f'remove {old} (in train.indicator_opt it reads {new})')
+        loss = build_indicator_loss(indicator_opt)
+        if isinstance(loss, WeightIndicatorLoss):
+            config = dataclasses.replace(config, lambda_w=loss.loss_weight, weight_reg=loss.norm,
+                                         weight_reg_reduction=loss.reduction)
+        if config.indicator_update == 'proximal' and not hasattr(loss, 'proximal_'):
+            raise ValueError(f"pruning.indicator_update: proximal needs a loss with a proximal operator; "
+                             f"train.indicator_opt.type {indicator_opt['type']!r} has none (use WeightIndicatorLoss)")
         return config
 
     @classmethod
@@ -79,14 +162,17 @@ class FMPModel(PruningModel):
         in_ch = network_opt.get('num_in_ch', 3)
         self.specs = trace_conv_specs(plain, self.config.macs_input_size, in_ch)
         example = torch.zeros(1, in_ch, *self.config.macs_input_size)  # zeros: draws nothing from the RNG
-        grouping = build_grouping(plain, network_opt, self.config.grouping, example, self.config.tie_outputs)
+        grouping = build_grouping(plain, network_opt, self.config.grouping, example, self.config.tie_outputs,
+                                  exclude=self.config.exclude)
         hyper = HyperNetwork(plain, grouping, self.config.embed_dim)
         if not self.config.weight_indicators:  # DHP: Z_W fixed at one
             for bank in hyper.banks:
                 bank.weight_indicator.requires_grad_(False)
         if checkpoint is not None:
             hyper.load_state_dict(checkpoint['params'], strict=True)
-        self.pruner = FMPPruner(hyper, self.specs, self.config)
+        indicator_opt = (self.opt.get('train') or {}).get('indicator_opt')
+        loss = build_indicator_loss(indicator_opt) if indicator_opt is not None else None
+        self.pruner = FMPPruner(hyper, self.specs, self.config, loss)
         self.net_g = self.model_to_device(hyper)
         self.print_network(self.net_g)
 
@@ -98,9 +184,15 @@ class FMPModel(PruningModel):
 
     # ---- optimisation ----
     def setup_optimizers(self, optim_opt=None):
-        """Prune stage: one optimiser, three parameter groups (hypernetwork with weight decay alpha;
-        channel vectors and weight indicators without); Adam is fused unless ``optim_g`` says
-        ``fused`` or ``foreach``. Fine-tune stage: as PrunedSRModel."""
+        """Prune stage: ``optim_g`` over the hypernetwork (weight decay alpha, FMP Eq. 4, 8) and the
+        channel vectors (no decay), plus the weight indicators (no decay, lr * ``weight_lr_mult``)
+        unless ``pruning.indicator_optim`` gives them their own optimiser (``self.optimizer_w``, second
+        in ``self.optimizers``). Adam is fused unless ``optim_g`` says ``fused`` or ``foreach``.
+        Fine-tune stage: as PrunedSRModel.
+
+        Raises:
+            ValueError: ``pruning.indicator_optim`` with arguments its optimiser rejects (named).
+        """
         if self.stage != PRUNE:
             return super().setup_optimizers(optim_opt)
         optim_opt = copy.deepcopy(optim_opt or self.opt['train']['optim_g'])
@@ -110,24 +202,37 @@ class FMPModel(PruningModel):
         groups = self.hypernetwork.parameter_groups()
         param_groups = [
             {'params': groups['hyper'], 'lr': lr, 'weight_decay': weight_decay, 'name': 'hyper'},
-            {'params': groups['channel'], 'lr': lr * self.config.channel_lr_mult, 'weight_decay': 0, 'name': 'channel'},
-            {'params': groups['weight'], 'lr': lr * self.config.weight_lr_mult, 'weight_decay': 0, 'name': 'weight'}]
-        if not self.config.weight_indicators:
-            param_groups.pop()
+            {'params': groups['channel'], 'lr': lr * self.config.channel_lr_mult, 'weight_decay': 0, 'name': 'channel'}]
+        own_optim = self.config.weight_indicators and self.config.indicator_optim is not None
+        if self.config.weight_indicators and not own_optim:
+            param_groups.append({'params': groups['weight'], 'lr': lr * self.config.weight_lr_mult, 'weight_decay': 0,
+                                 'name': 'weight'})
         if optim_type == 'Adam' and not {'fused', 'foreach'} & set(optim_opt):
             # the hypernetwork has ~13x the plain network's parameters: Adam's per-tensor loop costs
             # more than the weight generation (scripts/benchmark/fmp_step_overhead.py)
             optim_opt['fused'] = True
         self.optimizer_g = self.get_optimizer(optim_type, param_groups, lr, **optim_opt)
         self.optimizers = [self.optimizer_g]
+        self.optimizer_w = None
+        if own_optim:
+            self.optimizer_w = build_indicator_optimizer(self.config.indicator_optim, groups['weight'])
+            self.optimizers.append(self.optimizer_w)
 
     def channel_lr(self):
         """Current learning rate of the channel-vector group (the proximal step size, FMP Eq. 10)."""
         return next(g['lr'] for g in self.optimizer_g.param_groups if g.get('name') == 'channel')
 
+    def indicator_lr(self):
+        """Current learning rate of the weight indicators (the step of their proximal operator)."""
+        optimizer = self.optimizer_w or self.optimizer_g
+        return next(g['lr'] for g in optimizer.param_groups if g.get('name') == 'weight')
+
     def prune_step(self, current_iter):
-        """One FMP iteration: ``L_rec + lambda_W R(Z_W)`` (Eq. 4), optimiser step, proximal step (Eq. 10)."""
-        self.optimizer_g.zero_grad()
+        """One FMP iteration: ``L_rec + lambda_W R(Z_W)`` (Eq. 4; the regulariser only with
+        ``indicator_update: gradient``), optimiser step(s), proximal steps on the channel vectors
+        (Eq. 10) and, with ``indicator_update: proximal``, on the weight indicators."""
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
         self.output = self.net_g(self.lq)
         loss_dict = OrderedDict()
         l_total = self.reconstruction_loss(loss_dict)
@@ -135,8 +240,11 @@ class FMPModel(PruningModel):
         l_total = l_total + loss_dict['l_reg_w']
         self.check_finite(l_total, current_iter)
         l_total.backward()
-        self.optimizer_g.step()
+        for optimizer in self.optimizers:
+            optimizer.step()
         self.pruner.proximal_step(self.channel_lr())
+        if self.config.weight_indicators:
+            self.pruner.indicator_proximal_step(self.indicator_lr())
         self.log_dict = self.reduce_loss_dict(loss_dict)
         self.log_dict['l_reg_c'] = self.pruner.channel_regularization()
 

@@ -18,6 +18,8 @@ A method subclass sets ``config_class`` (a :class:`~fmpsr.pruning.options.Prunin
 subclass), ``structured`` (False: no channel groups are built; the compact network is the dense arch
 with masked weights), and implements some of the hooks:
 
+* ``prepare_network(net, state)``: after the network is built and loaded, before DDP wraps it (a
+  method that re-parametrizes weights, e.g. ASSL's weight normalisation, does it here);
 * ``setup_method(net, state)``: after the network is built and loaded (``state``: the method's
   tensors from a prune-stage checkpoint, or None);
 * ``regularization(current_iter)`` -> dict name -> scalar tensor added to the loss (SRP's penalty as a
@@ -45,6 +47,8 @@ from basicsr.utils.dist_util import master_only
 from fmpsr.pruning import (build_grouping, finalize_plain, mask_ratios, plain_state_dict, trace_conv_specs,
                            update_weight_masks)
 
+from fmpsr.pruning.coupling import check_prunable
+
 from .pruning_model import PruningModel
 
 PRUNE_STATE_KEY = 'fmp_prune'
@@ -61,18 +65,29 @@ class MaskPruningModel(PruningModel):
         """Parse the ``pruning`` section with ``cls.config_class``."""
         return cls.config_class.from_options(options)
 
+    @classmethod
+    def check_options(cls, opt):
+        """The stage machine's checks; structured methods also check that the arch's channels can be
+        coupled (:func:`fmpsr.pruning.coupling.check_prunable`), before any folder is made."""
+        config = super().check_options(opt)
+        if cls.structured:
+            check_prunable(opt['network_g'], config.macs_input_size, config.tie_outputs, config.exclude,
+                           config.grouping)
+        return config
+
     # ---- networks ----
     def build_prune_network(self, checkpoint=None):
         """Build ``network_g``, load ``checkpoint`` (a pretrained network or a prune-stage checkpoint
         with masks), build its channel groups (structured methods) and re-apply saved masks."""
-        network_opt = dict(self.opt['network_g'])
+        network_opt = self.prune_network_options()
         net = build_network(copy.deepcopy(network_opt))
         in_ch = network_opt.get('num_in_ch', 3)
         self.specs = trace_conv_specs(net, self.config.macs_input_size, in_ch)
         self.grouping = None
         if self.structured:
             example = torch.zeros(1, in_ch, *self.config.macs_input_size)
-            self.grouping = build_grouping(net, network_opt, self.config.grouping, example, self.config.tie_outputs)
+            self.grouping = build_grouping(net, network_opt, self.config.grouping, example, self.config.tie_outputs,
+                                           exclude=self.config.exclude)
         saved = {}
         if checkpoint is not None:
             saved = (checkpoint.get('raw') or {}).get(PRUNE_STATE_KEY) or {}
@@ -86,9 +101,15 @@ class MaskPruningModel(PruningModel):
         if saved.get('weight_masks_enforced'):
             update_weight_masks(net, self.weight_masks)
         self.weight_masks_enforced = bool(saved.get('weight_masks_enforced'))
+        self.prepare_network(net, saved.get('tensors'))
         self.net_g = self.model_to_device(net)
         self.setup_method(self.get_bare_model(self.net_g), saved.get('tensors'))
         self.print_network(self.net_g)
+
+    def prune_network_options(self):
+        """``network_g`` options of the prune-stage network (default: the option file's; a method that
+        changes the arch, e.g. the kernel-sparsity recipe widening ``num_feat``, overrides this)."""
+        return dict(self.opt['network_g'])
 
     @property
     def network(self):
@@ -105,6 +126,11 @@ class MaskPruningModel(PruningModel):
             self.weight_masks_enforced = True
 
     # ---- hooks (defaults: nothing) ----
+    def prepare_network(self, net, tensors):
+        """Called once the prune-stage network is built and loaded, before it is moved to the device and
+        wrapped for DDP: the place to change its parameters (ASSL's weight normalisation); ``tensors`` as
+        for :meth:`setup_method`."""
+
     def setup_method(self, net, tensors):
         """Called once the prune-stage network is built; ``tensors``: :meth:`method_tensors` of a
         prune-stage checkpoint, or None."""
@@ -164,8 +190,9 @@ class MaskPruningModel(PruningModel):
 
     def finalize_network(self):
         """Slice the network by the group masks; weight masks become the fine-tune stage's masks."""
-        return finalize_plain(self.network, self.grouping, self.group_masks, build_network, self.opt['network_g'],
-                              {k: v.to(self.device) for k, v in self.weight_masks.items()} or None)
+        masks = {k: v.to(self.device) for k, v in self.weight_masks.items()} or None
+        return finalize_plain(self.network, self.grouping, self.group_masks, build_network,
+                              self.prune_network_options(), masks)
 
     def prune_checkpoint(self):
         """Network (plain keys), masks and the method's tensors."""

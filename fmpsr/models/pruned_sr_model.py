@@ -14,6 +14,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from fmpsr.compat import safe_torch_load
 from fmpsr.pruning import apply_weight_masks, get_weight_masks, plain_state_dict
 from fmpsr.pruning.export import MASKS_FILE, atomic_write, load_state, read_network_options, write_json
 
@@ -25,22 +26,33 @@ def load_checkpoint(path):
         path (str): ``*.safetensors`` (an fmpsr export) or ``*.pth`` (a BasicSR / fmpsr checkpoint).
 
     Returns:
-        dict: ``params`` (state dict), ``network_g`` (options or None), ``weight_masks`` (dict or None),
-        and, for ``.pth`` files, ``raw`` (the whole loaded dict).
+        dict: ``params`` (state dict), ``params_ema`` (BasicSR's EMA state dict, or None),
+        ``network_g`` (options or None), ``weight_masks`` (dict or None), and, for ``.pth`` files,
+        ``raw`` (the whole loaded dict).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        fmpsr.compat.UnsafeCheckpointError: the file pickles objects whose loading would run code
+            (named, with the refused object); fmpsr.compat.CorruptCheckpointError: truncated file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'network checkpoint not found: {path!r}')
     if path.endswith('.safetensors'):
         mask_path = os.path.join(os.path.dirname(path), MASKS_FILE)
-        return {'params': load_state(path), 'network_g': read_network_options(path),
+        return {'params': load_state(path), 'params_ema': None, 'network_g': read_network_options(path),
                 'weight_masks': load_state(mask_path) if os.path.isfile(mask_path) else None}
-    raw = torch.load(path, map_location='cpu', weights_only=True)
+    raw = safe_torch_load(path, map_location='cpu', what='network checkpoint')
     compact = raw.get('fmp_compact') or {}
-    return {'params': raw.get('params', raw), 'network_g': compact.get('network_g'),
-            'weight_masks': compact.get('weight_masks'), 'raw': raw}
+    return {'params': raw.get('params', raw), 'params_ema': raw.get('params_ema'),
+            'network_g': compact.get('network_g'), 'weight_masks': compact.get('weight_masks'), 'raw': raw}
+
+
+def check_ema_decay(opt):
+    """Raise ValueError unless ``train.ema_decay`` (if given) is a number in [0, 1)."""
+    decay = (opt.get('train') or {}).get('ema_decay', 0)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise ValueError(f'train.ema_decay must be a number in [0, 1) (0: no EMA; BasicSR configs use 0.999), '
+                         f'got {decay!r}')
 
 
 def check_scale(opt):
@@ -61,10 +73,14 @@ class PrunedSRModel(SRModel):
       never brings them back (:mod:`fmpsr.pruning.masks`).
     * Checkpoints hold plain ``name.weight`` keys (a plain LSRB loads them) plus the network
       options and masks under ``fmp_compact``; every file is written atomically.
+    * ``train.ema_decay`` > 0 keeps BasicSR's exponential moving average of the generator
+      (``net_g_ema``): a compact copy with the same weight masks (so its pruned weights are exactly
+      zero too), used for validation, saved as ``params_ema`` beside ``params`` and restored on
+      resume. ``path.param_key_g: params_ema`` tests a checkpoint's EMA weights.
 
     Raises:
         ValueError: no ``network_g`` in the options nor in the checkpoint; ``network_g.upscale`` is
-            not ``scale``; ``train.ema_decay`` > 0 (not supported).
+            not ``scale``; ``train.ema_decay`` not in [0, 1).
         FileNotFoundError: a checkpoint or mask file that does not exist (named).
     """
 
@@ -73,11 +89,11 @@ class PrunedSRModel(SRModel):
         """Check the option file before anything runs (called by :mod:`fmpsr.pipeline`).
 
         Raises:
-            ValueError: ``network_g.upscale`` != ``scale``; ``train.ema_decay`` > 0.
+            ValueError: ``network_g.upscale`` != ``scale``; ``train.ema_decay`` not in [0, 1).
         """
         check_scale(opt)
-        if opt.get('is_train') and (opt.get('train') or {}).get('ema_decay', 0) > 0:
-            raise ValueError('train.ema_decay > 0 is not supported by fmpsr models; remove it')
+        if opt.get('is_train'):
+            check_ema_decay(opt)
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
@@ -109,9 +125,11 @@ class PrunedSRModel(SRModel):
         """Build ``self.net_g`` from ``network_opt``, load ``checkpoint['params']``, apply ``masks``."""
         self.compact_network_opt = dict(network_opt)
         net = build_network(dict(network_opt))
+        self._pretrained_ema = (checkpoint or {}).get('params_ema')
         if checkpoint is not None:
             strict = self.opt['path'].get('strict_load_g', True)
-            net.load_state_dict(checkpoint['params'], strict=strict)
+            use_ema = self.opt['path'].get('param_key_g') == 'params_ema' and self._pretrained_ema is not None
+            net.load_state_dict(checkpoint['params_ema' if use_ema else 'params'], strict=strict)
             get_root_logger().info(f"Loaded {network_opt['type']} weights from {self.opt['path'].get('pretrain_network_g')}")
         if masks:
             apply_weight_masks(net, masks)
@@ -131,6 +149,48 @@ class PrunedSRModel(SRModel):
             raise ValueError('train: both pixel_opt and perceptual_opt are missing; give at least one loss')
         self.setup_optimizers(optim_opt)
         self.setup_schedulers(scheduler_opt)
+        self.setup_ema()
+
+    # ---- EMA (BasicSR's train.ema_decay) ----
+    def ema_allowed(self):
+        """Whether the current network may have an EMA copy (PruningModel: not in the prune stage)."""
+        return True
+
+    def setup_ema(self):
+        """Build ``self.net_g_ema`` when ``train.ema_decay`` > 0 (otherwise there is no such attribute:
+        BasicSR's ``SRModel`` tests ``hasattr(self, 'net_g_ema')``).
+
+        The copy is the compact network rebuilt from ``compact_network_opt`` with the same weight
+        masks as ``net_g`` (``torch.nn.utils.parametrize``: its pruned weights are exactly zero in
+        every forward and in every saved state dict). It starts from the checkpoint's ``params_ema``
+        when there is one (a resumed run), else from ``net_g``'s weights.
+        """
+        self.ema_decay = float(self.opt['train'].get('ema_decay', 0) or 0)
+        if hasattr(self, 'net_g_ema'):
+            del self.net_g_ema
+        if self.ema_decay <= 0:
+            return
+        logger = get_root_logger()
+        if not self.ema_allowed():
+            logger.info(f'train.ema_decay={self.ema_decay}: no EMA in the {getattr(self, "stage", "current")} stage '
+                        '(its network is not the compact one); the EMA starts when fine-tuning starts')
+            return
+        net = self.get_bare_model(self.net_g)
+        restored = getattr(self, '_pretrained_ema', None)
+        ema = build_network(dict(self.compact_network_opt))
+        ema.load_state_dict(restored if restored is not None else plain_state_dict(net), strict=True)
+        masks = get_weight_masks(net)
+        if masks:
+            apply_weight_masks(ema, masks)
+        self.net_g_ema = ema.to(self.device).eval().requires_grad_(False)
+        self._pretrained_ema = None
+        logger.info(f'Use Exponential Moving Average with decay: {self.ema_decay} (started from '
+                    f'{"the checkpoint params_ema" if restored is not None else "net_g"})')
+
+    def export_network(self):
+        """The bare network to export and validate: the EMA copy when there is one, else ``net_g``."""
+        ema = getattr(self, 'net_g_ema', None)
+        return ema if ema is not None else self.get_bare_model(self.net_g)
 
     def setup_optimizers(self, optim_opt=None):
         """Adam (or what BasicSR's ``get_optimizer`` knows) over the compact network's parameters."""
@@ -158,6 +218,8 @@ class PrunedSRModel(SRModel):
         self.check_finite(l_total, current_iter)
         l_total.backward()
         self.optimizer_g.step()
+        if getattr(self, 'net_g_ema', None) is not None:
+            self.model_ema(decay=self.ema_decay)
         self.log_dict = self.reduce_loss_dict(loss_dict)
 
     def reconstruction_loss(self, loss_dict):
@@ -183,16 +245,18 @@ class PrunedSRModel(SRModel):
 
     # ---- testing ----
     def test(self):
-        """Forward ``self.lq`` without gradients through the bare network.
+        """Forward ``self.lq`` without gradients through the bare network (the EMA copy when there is
+        one, as BasicSR's ``SRModel`` does).
 
         Not through the DDP wrapper: BasicSR validates on rank 0 only, and DDP's forward broadcasts
         buffers (the masks) as a collective that the other ranks would never join.
         """
-        net = self.get_bare_model(self.net_g)
+        net = self.export_network()
+        was_training = net.training
         net.eval()
         with torch.no_grad():
             self.output = net(self.lq)
-        net.train()
+        net.train(was_training)
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         """BasicSR's validation; when testing, the metrics also go to ``<results_root>/metrics.json``."""
@@ -208,10 +272,14 @@ class PrunedSRModel(SRModel):
 
     # ---- checkpoints ----
     def compact_checkpoint(self):
-        """``{'params': plain state dict, 'fmp_compact': {'network_g', 'weight_masks'}}`` of ``net_g``."""
+        """``{'params': plain state dict, 'fmp_compact': {'network_g', 'weight_masks'}}`` of ``net_g``,
+        plus ``params_ema`` (BasicSR's key) when an EMA copy is kept."""
         net = self.get_bare_model(self.net_g)
-        return {'params': plain_state_dict(net),
-                'fmp_compact': {'network_g': self.compact_network_opt, 'weight_masks': get_weight_masks(net)}}
+        checkpoint = {'params': plain_state_dict(net),
+                      'fmp_compact': {'network_g': self.compact_network_opt, 'weight_masks': get_weight_masks(net)}}
+        if getattr(self, 'net_g_ema', None) is not None:
+            checkpoint['params_ema'] = plain_state_dict(self.net_g_ema)
+        return checkpoint
 
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):

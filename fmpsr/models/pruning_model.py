@@ -31,6 +31,7 @@ from basicsr.models.base_model import BaseModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 
+from fmpsr.archs.limits import ESA_ARCHS, ESA_MIN_LR_SIZE
 from fmpsr.pipeline import current_epoch
 from fmpsr.pruning import apply_weight_masks, save_compact
 from fmpsr.pruning.export import atomic_write, write_json
@@ -38,8 +39,6 @@ from fmpsr.pruning.export import atomic_write, write_json
 from .pruned_sr_model import PrunedSRModel, load_checkpoint
 
 PRUNE, FINETUNE = 'prune', 'finetune'
-ESA_MIN_LR_SIZE = 15
-ESA_ARCHS = ('LSRB', 'RLFN')
 STATE_KEY = 'fmp'
 
 
@@ -206,6 +205,12 @@ class PruningModel(PrunedSRModel):
     def release_prune_state(self):
         """Drop the prune-stage objects at the switch (default: nothing)."""
 
+    def ema_allowed(self):
+        """``train.ema_decay``: no EMA in the prune stage (its network is the method's training form,
+        e.g. FMP's hypernetwork, and changes shape at the switch); the EMA of the compact network
+        starts at the switch (:meth:`PrunedSRModel.setup_ema`) and is saved and resumed from there."""
+        return self.stage != PRUNE
+
     def export_info(self):
         """Extra entries of ``pruning.json`` (dict; default none)."""
         return {}
@@ -216,11 +221,12 @@ class PruningModel(PrunedSRModel):
         (``current_iter`` -1 means the end of training)."""
         out_dir = os.path.join(self.opt['path']['experiments_root'], 'export')
         checkpoint = self.compact_checkpoint()
-        paths = save_compact(out_dir, self.get_bare_model(self.net_g), checkpoint['fmp_compact']['network_g'],
+        paths = save_compact(out_dir, self.export_network(), checkpoint['fmp_compact']['network_g'],
                              checkpoint['fmp_compact']['weight_masks'])
         info = {'method': type(self).__name__, 'switch_iter': self.switch_iter, 'exported_at_iter': current_iter,
                 'network_g': self.compact_network_opt, 'original_network_g': self.opt.get('network_g'),
-                'ratios': self.final_ratios, 'pruning': config_dict(self.config), 'files': paths}
+                'ratios': self.final_ratios, 'pruning': config_dict(self.config), 'files': paths,
+                'weights': 'params_ema' if getattr(self, 'net_g_ema', None) is not None else 'params'}
         info.update(self.export_info())
         write_json(os.path.join(out_dir, 'pruning.json'), info)
         get_root_logger().info(f'Exported the compact network to {out_dir}')

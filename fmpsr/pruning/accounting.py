@@ -91,15 +91,17 @@ def count(specs, kept_in=None, kept_out=None, kept_weights=None):
         kept_in, kept_out (dict | None): conv name -> kept input / output channels; None = dense.
         kept_weights (dict | None): conv name -> kept weights (nonzero kernel entries inside the kept
             channels); None = every weight of the kept channels.
+        A conv missing from these dicts (left plain by ``pruning.exclude``) counts as dense.
 
     Returns:
         Counts: params = sum(weights + kept biases), macs = sum(weights * H_out * W_out).
     """
     params = macs = 0
     for name, s in specs.items():
-        c_in = s.in_channels if kept_in is None else kept_in[name]
-        c_out = s.out_channels if kept_out is None else kept_out[name]
-        weights = c_in * c_out * s.kernel_area if kept_weights is None else kept_weights[name]
+        c_in = s.in_channels if kept_in is None else kept_in.get(name, s.in_channels)
+        c_out = s.out_channels if kept_out is None else kept_out.get(name, s.out_channels)
+        dense = kept_weights is None or name not in kept_weights
+        weights = c_in * c_out * s.kernel_area if dense else kept_weights[name]
         params += weights + (c_out if s.bias else 0)
         macs += weights * s.out_pixels
     return Counts(params, macs)

@@ -78,13 +78,20 @@ class ConvergenceCriterion:
             if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
                 raise ValueError(f'pruning.keep_tolerance must be a fraction in [0, 1), got {tol!r}')
 
-    def status(self, channel_ratio, weight_ratio):
+    def status(self, channel_ratio, weight_ratio, weight_slack=0.0):
         """Evaluate the rule on the current ratios (fractions of the original, in this metric).
+
+        Args:
+            channel_ratio, weight_ratio (float): fractions of the original network.
+            weight_slack (float): a weight target counts as met within this fraction below it: the cost
+                of one weight (:meth:`fmpsr.pruning.fmp.FMPPruner.weight_granularity`). Weights are pruned
+                whole and never beyond :meth:`weight_budget`, so with ``flops`` (a weight costs its conv's
+                output pixels) the last fraction of a weight can never be filled. Default 0.
 
         Returns:
             CriterionStatus
         """
-        c_ok, w_ok = channel_ratio >= self.gamma_c, weight_ratio >= self.gamma_w
+        c_ok, w_ok = channel_ratio >= self.gamma_c, weight_ratio >= self.gamma_w - weight_slack
         if self.criterion == 'channel':
             return CriterionStatus(c_ok, False, False)
         if self.criterion == 'weight':
@@ -94,7 +101,7 @@ class ConvergenceCriterion:
         if self.criterion == 'keep_ratio':
             kept = 1.0 - channel_ratio - weight_ratio
             return CriterionStatus(kept <= self.keep_ratio + self.keep_tolerance, False, False)
-        return CriterionStatus(channel_ratio + weight_ratio >= self.gamma_c + self.gamma_w, False, False)
+        return CriterionStatus(channel_ratio + weight_ratio >= self.gamma_c + self.gamma_w - weight_slack, False, False)
 
     def weight_budget(self, channel_ratio, weight_ratio):
         """How much more weight pruning the rule allows, as a fraction of the original (may be inf).

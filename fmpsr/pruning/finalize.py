@@ -7,7 +7,10 @@ weight by the kept channel indices of its input and output sides and loads it in
 same arch with narrower layers: the grouping's ``compact_options`` gives its ``network_g`` options
 where the arch exposes its widths (LSRB); otherwise the network is ``CompactArch`` (the arch's own
 options plus each conv's kept ``[in, out]`` widths, :mod:`fmpsr.archs.compact_arch`). Pruned weights
-inside kept channels are exactly zero and are returned as masks. The compact network computes the
+inside kept channels are exactly zero and are returned as masks. Per-channel parameters between
+convs (``ChannelGrouping.channel_params``: PReLU slopes, BatchNorm weight / bias / running stats) are
+sliced with the channels they belong to, and ``CompactArch`` narrows their modules (its
+``channel_params`` option). The compact network computes the
 same function as the masked network it came from (to float rounding): dropped channels were exactly
 zero there.
 
@@ -42,7 +45,7 @@ def conv_channel_masks(grouping, group_masks):
             for name, (g_in, g_out) in grouping.convs.items()}
 
 
-def compact_network_options(grouping, kept_groups, conv_channels, network_opt=None):
+def compact_network_options(grouping, kept_groups, conv_channels, network_opt=None, param_channels=None):
     """``network_g`` options of the compact network.
 
     Args:
@@ -50,6 +53,8 @@ def compact_network_options(grouping, kept_groups, conv_channels, network_opt=No
         kept_groups (dict): group name -> kept channels (int).
         conv_channels (dict): conv name -> [kept in, kept out] (ints).
         network_opt (dict | None): the dense ``network_g``; needed for the generic ``CompactArch``.
+        param_channels (dict | None): ``channel_params`` key -> kept channels (int); added to the
+            ``CompactArch`` options as ``channel_params`` when not empty (issue 14).
 
     Raises:
         ValueError: the generic form is needed and ``network_opt`` is None.
@@ -58,7 +63,34 @@ def compact_network_options(grouping, kept_groups, conv_channels, network_opt=No
         return grouping.compact_options(kept_groups, conv_channels)
     if network_opt is None:
         raise ValueError('finalize: this grouping has no compact_options; pass the dense network_opt')
-    return {'type': 'CompactArch', 'arch': dict(network_opt), 'conv_channels': conv_channels}
+    opt = {'type': 'CompactArch', 'arch': dict(network_opt), 'conv_channels': conv_channels}
+    if param_channels:
+        opt['channel_params'] = dict(param_channels)
+    return opt
+
+
+def slice_channel_params(grouping, group_masks, dense_state):
+    """Slice the per-channel parameters and buffers of ``grouping.channel_params`` (PReLU slopes,
+    BatchNorm weight / bias / running stats, ...) by the kept channels of their side (issue 14).
+
+    Args:
+        grouping (ChannelGrouping): channel groups.
+        group_masks (dict): group name -> bool (size,) keep mask.
+        dense_state (dict): the dense network's state dict.
+
+    Returns:
+        tuple: (dict key -> sliced tensor, along :func:`~fmpsr.pruning.grouping.channel_dim`;
+        dict key -> kept channels (int)).
+    """
+    from .grouping import channel_dim
+
+    state, widths = {}, {}
+    for key, side in grouping.channel_params.items():
+        value = dense_state[key]
+        keep = side_mask(grouping, side, group_masks).to(value.device)
+        state[key] = value.index_select(channel_dim(value.shape), keep.nonzero().flatten()).clone()
+        widths[key] = int(keep.sum())
+    return state, widths
 
 
 @torch.no_grad()
@@ -73,7 +105,8 @@ def slice_network(grouping, group_masks, weights, biases, weight_masks, dense_st
         weight_masks (dict | None): conv name -> bool (c_out, c_in, kh, kw) kept single weights; None
             or a missing name = every weight of the kept channels.
         dense_state (dict): the dense network's state dict; parameters and buffers outside the convs
-            are copied from it.
+            are copied from it, the per-channel ones of ``grouping.channel_params`` (PReLU, BatchNorm,
+            ...) sliced by their side's kept channels (:func:`slice_channel_params`).
         build_network (callable): dict of ``network_g`` options -> nn.Module (BasicSR's
             ``build_network``, passed in so the core does not import the trainer).
         network_opt (dict | None): the dense ``network_g`` (for the generic ``CompactArch`` form).
@@ -92,8 +125,9 @@ def slice_network(grouping, group_masks, weights, biases, weight_masks, dense_st
     sides = conv_channel_masks(grouping, group_masks)
     conv_channels = {name: [int(m_in.sum()), int(m_out.sum())] for name, (m_in, m_out) in sides.items()}
     kept_groups = {g: int(m.sum()) for g, m in group_masks.items()}
-    compact_opt = compact_network_options(grouping, kept_groups, conv_channels, network_opt)
-    state, masks = {}, {}
+    state, param_channels = slice_channel_params(grouping, group_masks, dense_state)
+    compact_opt = compact_network_options(grouping, kept_groups, conv_channels, network_opt, param_channels)
+    masks = {}
     for name, (m_in, m_out) in sides.items():
         rows, cols = m_out.nonzero().flatten(), m_in.nonzero().flatten()
         weight = weights[name]

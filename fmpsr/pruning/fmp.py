@@ -5,7 +5,9 @@ the sparsity regulariser of the weight indicators, the proximal step on channel 
 updates, the convergence bookkeeping and which part is frozen. A trainer calls, per iteration,
 
 1. ``loss = reconstruction + pruner.regularization()`` and ``loss.backward()``; optimiser step;
-2. ``pruner.proximal_step(lr_of_channel_vectors)`` (FMP Eqs. 9-10);
+2. ``pruner.proximal_step(lr_of_channel_vectors)`` (FMP Eqs. 9-10) and
+   ``pruner.indicator_proximal_step(lr_of_weight_indicators)`` (a no-op unless
+   ``indicator_update: proximal``);
 3. every ``check_freq`` iterations, ``status = pruner.check()``; stop when ``status.converged``.
 
 Rules fmpsr defines (the paper leaves them open):
@@ -14,17 +16,29 @@ Rules fmpsr defines (the paper leaves them open):
   ``min_channels`` per group. The L1 term lambda_C ||z||_1 acts only through the proximal step
   (soft-threshold by lr * lambda_C after each optimiser step, as in DHP's code); it is not also
   back-propagated, which would apply the shrinkage twice.
-* The weight-indicator regulariser is averaged over the N_W indicators by default
-  (``weight_reg_reduction: mean``): lambda_W * R(Z_W) / N_W. With the literal sum of Eq. 4 and
-  lambda_W = 0.02, the pull on each indicator (0.02) exceeds its reconstruction gradient by orders of
-  magnitude (measured on LSRB-4-32 x4 after 300 Adam steps: median 1.5e-8, 99th percentile 1.5e-4),
-  so Adam, which normalises each parameter's step, shrinks every indicator at the same rate and the
-  network collapses. Averaged, the pull (1.6e-7 there) separates indicators by their reconstruction
-  gradient, which is the importance signal the paper intends. ``sum`` keeps the literal form.
+* The weight-indicator regulariser lambda_W R(Z_W) is a BasicSR loss,
+  :class:`fmpsr.losses.weight_indicator_loss.WeightIndicatorLoss` (``train.indicator_opt`` in an
+  option file; the older keys ``pruning.lambda_w`` / ``weight_reg`` / ``weight_reg_reduction`` give
+  its ``loss_weight`` / ``norm`` / ``reduction``). It sees only kept weights (Z_W * keep mask).
+  Three ways to apply it (``pruning.indicator_update`` and ``pruning.indicator_optim``):
+
+  - ``gradient`` without ``indicator_optim``: Z_W is a parameter group of ``train.optim_g`` (Adam),
+    lr * ``weight_lr_mult``, and the term is back-propagated. With ``reduction: mean`` (the old
+    default) the pull per indicator is lambda_W / N_W, which shrinks with network size; with ``sum``
+    Adam moves every indicator by about one lr per step whatever its reconstruction gradient.
+  - ``gradient`` with ``indicator_optim: {type: SGD, lr: ...}``: Z_W has its own optimiser on
+    L_rec + lambda_W R(Z_W), the literal form of FMP Sec. 3.4 ("standard SGD").
+  - ``proximal``: the term is not back-propagated; after each optimiser step Z_W takes the proximal
+    step of lr * lambda_W R (for L1: soft-thresholding by lr * lambda_W, the operator of the channel
+    vectors, Eq. 10), lr being Z_W's learning rate. The shrinkage per step does not depend on Adam's
+    normalisation, nor (with ``reduction: sum``) on N_W. ``scripts/benchmark/indicator_dynamics.py``
+    measures the three at LSRB-4-32 and ESRB-6-256 scale.
 * A weight is pruned when its indicator |Z_W| < ``weight_threshold`` (default 5e-3, DHP's
   channel threshold), at a check, smallest |Z_W| first and no more than the criterion's remaining
   budget (so a wave of indicators reaching zero together does not overshoot the target). Each conv
-  keeps at least ``min_channels * kh * kw`` weights.
+  keeps at least ``min_channels * kh * kw`` weights. Since weights are pruned whole and never beyond
+  the budget, a weight target counts as met within the cost of one weight
+  (:meth:`FMPPruner.weight_granularity`; with ``flops`` a weight costs its conv's output pixels).
 * Masks are monotone: nothing pruned comes back. A frozen part (``total_fixed``) stops its
   regulariser, its proximal step and its mask updates; its parameters still train as part of the
   weight generator.
@@ -35,10 +49,14 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from fmpsr.losses.weight_indicator_loss import NORMS, WeightIndicatorLoss
+
 from .accounting import hypernetwork_ratios
 from .criteria import ConvergenceCriterion
+from .nm import check_nm, nm_mask
 
-WEIGHT_REGULARIZERS = ('l1', 'l2', 'weight_decay')
+WEIGHT_REGULARIZERS = NORMS  # ('l1', 'l2', 'weight_decay'), FMP Eq. 7 / Table 5
+INDICATOR_UPDATES = ('gradient', 'proximal')
 
 
 @dataclass(frozen=True)
@@ -57,12 +75,22 @@ class FMPConfig:
         grouping (str | None): channel groups: 'hand' (the arch's hand-written grouping), 'auto'
             (torch-pruning's dependency graph, any conv arch), None: 'hand' where the arch has one.
         tie_outputs (list): for 'auto': lists of conv names or globs whose outputs share one vector.
+        exclude (list): for 'auto': module names or globs left out of pruning (a module excludes its
+            submodules); excluded convs stay plain dense convs and every channel coupled to an
+            excluded module is fixed (:func:`fmpsr.pruning.coupling.auto_grouping`).
         lambda_c (float): lambda_C, channel-vector L1 factor (FMP: 0.1).
         lambda_w (float): lambda_W, weight-indicator regulariser factor (FMP: 0.02).
         weight_reg (str): R(Z_W): 'l1' (default), 'l2' or 'weight_decay' (FMP Eq. 7, Tab. 5).
         weight_reg_reduction (str): 'mean' (default): the loss term is lambda_W * R(Z_W) / N_W, N_W
-            the number of indicators; 'sum': the literal lambda_W * R(Z_W) of Eq. 4. See the module
-            docstring for why 'mean' is the default.
+            the number of indicators; 'sum': the literal lambda_W * R(Z_W) of Eq. 4. ``lambda_w``,
+            ``weight_reg`` and ``weight_reg_reduction`` are the ``loss_weight``, ``norm`` and ``reduction``
+            of the :class:`~fmpsr.losses.weight_indicator_loss.WeightIndicatorLoss`; an option file may
+            give them as ``train.indicator_opt`` instead (FMPModel maps it onto these fields).
+        indicator_update (str): 'gradient' (default): the regulariser is back-propagated; 'proximal':
+            it is applied by its proximal operator after each optimiser step (see the module docstring).
+        indicator_optim (dict | None): None (default): Z_W is a parameter group of ``train.optim_g``;
+            a dict ``{type: SGD, lr: ..., <torch.optim kwargs>}``: Z_W gets its own optimiser (FMP
+            Sec. 3.4), scheduled like ``optim_g``. ``type`` is any ``torch.optim`` class.
         embed_dim (int): hypernetwork embedding size m (DHP: 8).
         prune_threshold (float): |z| below which a channel is pruned (DHP: 5e-3).
         weight_threshold (float): |Z_W| below which a weight is pruned (5e-3).
@@ -72,8 +100,16 @@ class FMPConfig:
         macs_input_size (list[int]): LR (H, W) in pixels at which MACs are counted (FMP Sec. 4.3: 64x64).
         channel_lr_mult (float): learning-rate multiplier of the channel vectors (paper: 1). The
             proximal threshold uses the resulting lr.
-        weight_lr_mult (float): learning-rate multiplier of the weight indicators (paper: 1). Short
-            runs raise it: indicators start at 1 and move about one lr per Adam step.
+        weight_lr_mult (float): learning-rate multiplier of the weight indicators inside ``optim_g``
+            (default 1). With ``indicator_update: proximal`` an indicator that L_rec does not hold falls
+            from 1 to 0 in 1 / (lr * weight_lr_mult * lambda_W) iterations: the paper option files use
+            10 (50 K iterations at lr 1e-4, lambda_W 0.02; see scripts/benchmark/indicator_dynamics.py).
+        nm (tuple): () or [N, M]: N:M weight masks instead of the threshold rule: at every check each
+            conv keeps the N largest |Z_W| of every M consecutive kept input channels (see
+            :meth:`FMPPruner._update_nm_masks`). Default () (off).
+        round_to (int): kept channels of every prunable group are rounded up to a multiple of it at
+            each mask update (torch-pruning's ``round_to``; see :meth:`ChannelVector.update_mask_`),
+            so masks, counts and the finalized widths are multiples. Default 1 (off).
 
     Raises:
         ValueError: in :meth:`from_options`, an unknown key or a bad value (named in the message).
@@ -87,10 +123,13 @@ class FMPConfig:
     weight_indicators: bool = True
     grouping: str = None
     tie_outputs: tuple = ()
+    exclude: tuple = ()
     lambda_c: float = 0.1
     lambda_w: float = 0.02
     weight_reg: str = 'l1'
     weight_reg_reduction: str = 'mean'
+    indicator_update: str = 'gradient'
+    indicator_optim: dict = None
     embed_dim: int = 8
     prune_threshold: float = 5e-3
     weight_threshold: float = 5e-3
@@ -100,6 +139,8 @@ class FMPConfig:
     macs_input_size: tuple = (64, 64)
     channel_lr_mult: float = 1.0
     weight_lr_mult: float = 1.0
+    nm: tuple = ()
+    round_to: int = 1
 
     @classmethod
     def from_options(cls, options, defaults=None):
@@ -111,9 +152,11 @@ class FMPConfig:
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f'pruning: unknown key(s) {unknown}; known keys are {sorted(known)}')
-        for key in ('macs_input_size', 'tie_outputs'):
+        for key in ('macs_input_size', 'tie_outputs', 'exclude'):
             if key in options and isinstance(options[key], list):
                 options[key] = tuple(tuple(v) if isinstance(v, list) else v for v in options[key])
+        if isinstance(options.get('indicator_optim'), dict):
+            options['indicator_optim'] = dict(options['indicator_optim'])
         config = cls(**options)
         config.validate()
         return config
@@ -128,9 +171,13 @@ class FMPConfig:
                 isinstance(t, str) or (isinstance(t, tuple) and all(isinstance(n, str) for n in t))
                 for t in self.tie_outputs):
             raise ValueError(f'pruning.tie_outputs must be a list of lists of conv names, got {self.tie_outputs!r}')
+        if not isinstance(self.exclude, tuple) or not all(isinstance(n, str) for n in self.exclude):
+            raise ValueError(f'pruning.exclude must be a list of module names or globs, got {self.exclude!r}')
         if self.weight_reg_reduction not in ('mean', 'sum'):
             raise ValueError(f"pruning.weight_reg_reduction: unknown reduction {self.weight_reg_reduction!r} "
                              "(choose from ['mean', 'sum'])")
+        self.validate_indicator_update()
+        self.validate_nm()
         if self.weight_reg not in WEIGHT_REGULARIZERS:
             raise ValueError(f'pruning.weight_reg: unknown regulariser {self.weight_reg!r} '
                              f'(choose from {list(WEIGHT_REGULARIZERS)})')
@@ -139,13 +186,50 @@ class FMPConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f'pruning.{key} must be a number >= 0, got {value!r}')
-        for key in ('embed_dim', 'min_channels', 'check_freq', 'max_prune_iter'):
+        for key in ('embed_dim', 'min_channels', 'check_freq', 'max_prune_iter', 'round_to'):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f'pruning.{key} must be an integer >= 1, got {value!r}')
         size = self.macs_input_size
         if len(size) != 2 or not all(isinstance(v, int) and v >= 15 for v in size):
             raise ValueError(f'pruning.macs_input_size must be [H, W] with H, W >= 15 LR pixels, got {list(size)}')
+
+    def validate_indicator_update(self):
+        """Check ``indicator_update`` and ``indicator_optim`` (ValueError naming the key)."""
+        if self.indicator_update not in INDICATOR_UPDATES:
+            raise ValueError(f'pruning.indicator_update: unknown update {self.indicator_update!r} '
+                             f'(choose from {list(INDICATOR_UPDATES)})')
+        optim = self.indicator_optim
+        if optim is None:
+            return
+        if not isinstance(optim, dict) or 'type' not in optim or 'lr' not in optim:
+            raise ValueError(f'pruning.indicator_optim must be a dict with type and lr (e.g. {{type: SGD, lr: 0.1}}), '
+                             f'got {optim!r}')
+        cls = getattr(torch.optim, str(optim['type']), None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise ValueError(f"pruning.indicator_optim.type: {optim['type']!r} is not a torch.optim optimiser "
+                             "(e.g. SGD, Adam)")
+        lr = optim['lr']
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+            raise ValueError(f'pruning.indicator_optim.lr must be a number > 0, got {lr!r}')
+        if self.weight_lr_mult != 1.0:
+            raise ValueError('pruning.weight_lr_mult applies to the indicators inside train.optim_g; with '
+                             'pruning.indicator_optim set its lr instead (remove weight_lr_mult)')
+
+    def validate_nm(self):
+        """Check ``nm`` (ValueError naming ``pruning.nm``): [N, M] with 1 <= N < M, weight indicators on,
+        and not criterion 'total_fixed' (which freezes the weight masks while channels still change)."""
+        if not self.nm:
+            object.__setattr__(self, 'nm', ())
+            return
+        if not isinstance(self.nm, (list, tuple)) or len(self.nm) != 2:
+            raise ValueError(f'pruning.nm must be [N, M], got {self.nm!r}')
+        object.__setattr__(self, 'nm', check_nm(*self.nm))
+        if not self.weight_indicators:
+            raise ValueError('pruning.nm needs weight indicators (pruning.weight_indicators: true)')
+        if self.criterion == 'total_fixed':
+            raise ValueError("pruning.nm cannot be used with criterion 'total_fixed' (its weight part would freeze the "
+                             "N:M masks while channels are still pruned); use 'channel' or 'keep_ratio'")
 
     def criterion_rule(self):
         return ConvergenceCriterion(self.metric, self.criterion, self.gamma_c, self.gamma_w, self.keep_ratio,
@@ -159,10 +243,17 @@ class FMPPruner:
         hyper (HyperNetwork): the network being pruned (not a DDP wrapper).
         specs (dict): conv name -> ConvSpec at ``config.macs_input_size``.
         config (FMPConfig): options.
+        indicator_loss (nn.Module | None): the regulariser lambda_W R(Z_W), called as
+            ``indicator_loss(indicators, masks)`` (and ``indicator_loss.proximal_(indicators, lr, masks)``
+            for ``indicator_update: proximal``); None builds
+            :class:`~fmpsr.losses.weight_indicator_loss.WeightIndicatorLoss` from ``config.lambda_w``,
+            ``weight_reg`` and ``weight_reg_reduction``.
     """
 
-    def __init__(self, hyper, specs, config):
+    def __init__(self, hyper, specs, config, indicator_loss=None):
         self.hyper, self.specs, self.config = hyper, specs, config
+        self.indicator_loss = indicator_loss if indicator_loss is not None else WeightIndicatorLoss(
+            loss_weight=config.lambda_w, norm=config.weight_reg, reduction=config.weight_reg_reduction)
         self.rule = config.criterion_rule()
         self.channel_frozen = False
         self.weight_frozen = not config.weight_indicators  # DHP: no weight pruning at all
@@ -170,27 +261,48 @@ class FMPPruner:
         self.ratios = hypernetwork_ratios(hyper, specs)
 
     # ---- regularisers (FMP Eqs. 4, 6, 7) ----
-    def regularization(self):
-        """lambda_W * R(Z_W) over the kept weights (a differentiable scalar tensor; 0 if frozen).
+    def weight_regularization_active(self):
+        """Whether Z_W is still being sparsified (weight indicators on, weight part not frozen, not converged)."""
+        return self.config.weight_indicators and not self.weight_frozen and not self.converged
 
-        R is sum over layers of ||Z_W^l||_1 ('l1'), ||Z_W^l||_2 ('l2') or 0.5 ||Z_W^l||_2^2
-        ('weight_decay') (FMP Eq. 7), divided by the number of indicators N_W when
-        ``weight_reg_reduction`` is 'mean'.
-        """
+    def _kept_indicators(self):
+        """(indicators, keep masks): one (n, c_out, c_in, kh, kw) pair per bank of same-shape convs."""
         banks = list(self.hyper.bank_members())
-        if self.weight_frozen or self.config.lambda_w == 0 or not self.config.weight_indicators:
-            return banks[0][0].weight_indicator.sum() * 0.0
-        # kept indicators, one (n, c_out, c_in, kh, kw) tensor per bank of same-shape convs
-        kept = [bank.weight_indicator * torch.stack([c.keep_mask() for c in members]) for bank, members in banks]
-        if self.config.weight_reg == 'l1':
-            total = sum(z_w.abs().sum() for z_w in kept)
-        elif self.config.weight_reg == 'l2':  # one norm per layer
-            total = sum(z_w.pow(2).flatten(1).sum(1).add(1e-12).sqrt().sum() for z_w in kept)
-        else:
-            total = 0.5 * sum(z_w.pow(2).sum() for z_w in kept)
-        if self.config.weight_reg_reduction == 'mean':
-            total = total / sum(bank.weight_indicator.numel() for bank, _ in banks)
-        return self.config.lambda_w * total
+        indicators = [bank.weight_indicator for bank, _ in banks]
+        masks = [torch.stack([c.keep_mask() for c in members]) for _, members in banks]
+        return indicators, masks
+
+    def regularization(self):
+        """lambda_W * R(Z_W) over the kept weights (a differentiable scalar tensor), the term of Eq. 4
+        that is back-propagated; 0 when frozen, when lambda_W is 0, or with ``indicator_update:
+        proximal`` (the term then acts through :meth:`indicator_proximal_step`).
+
+        R and the reduction are the indicator loss's
+        (:class:`~fmpsr.losses.weight_indicator_loss.WeightIndicatorLoss`: 'l1', 'l2' one norm per
+        layer, 'weight_decay'; 'sum' or 'mean' over the N_W indicators).
+        """
+        indicators, masks = self._kept_indicators() if self._regularizer_on('gradient') else (None, None)
+        if indicators is None:
+            return next(iter(self.hyper.banks)).weight_indicator.sum() * 0.0
+        return self.indicator_loss(indicators, masks)
+
+    def _regularizer_on(self, update):
+        return (self.weight_regularization_active() and self.config.indicator_update == update
+                and getattr(self.indicator_loss, 'loss_weight', 1.0) != 0)
+
+    @torch.no_grad()
+    def indicator_proximal_step(self, lr):
+        """With ``indicator_update: proximal``: the proximal step of ``lr * lambda_W R`` on the kept
+        weight indicators (L1: soft-threshold by lr * lambda_W, as Eq. 10 does for channel vectors);
+        pruned indicators are set to zero. No-op otherwise.
+
+        Args:
+            lr (float): current learning rate of the weight indicators.
+        """
+        if not self._regularizer_on('proximal'):
+            return
+        indicators, masks = self._kept_indicators()
+        self.indicator_loss.proximal_(indicators, lr, masks)
 
     @torch.no_grad()
     def channel_regularization(self):
@@ -220,20 +332,33 @@ class FMPPruner:
         metric = self.config.metric
         if not self.channel_frozen:
             for vector in self.hyper.prunable_vectors():
-                vector.update_mask_(self.config.prune_threshold, self.config.min_channels)
+                vector.update_mask_(self.config.prune_threshold, self.config.min_channels, self.config.round_to)
             self.ratios = hypernetwork_ratios(self.hyper, self.specs)
         if not self.weight_frozen:
             budget = self.rule.weight_budget(self.ratios.channel_ratio(metric), self.ratios.weight_ratio(metric))
             self._update_weight_masks(budget * self.ratios.original.get(metric))
             self.ratios = hypernetwork_ratios(self.hyper, self.specs)
-        status = self.rule.status(self.ratios.channel_ratio(metric), self.ratios.weight_ratio(metric))
+        status = self.rule.status(self.ratios.channel_ratio(metric), self.ratios.weight_ratio(metric),
+                                  self.weight_granularity())
         self.channel_frozen |= status.channel_done
         self.weight_frozen |= status.weight_done
         self.converged |= status.converged
         return status
 
+    def weight_granularity(self):
+        """The cost of pruning one weight of the costliest conv, as a fraction of the original network
+        in the pruning metric (1 / params, or the conv's output pixels / MACs): weights are pruned whole
+        and never beyond the budget, so a weight target is met within this much (0 without weight pruning)."""
+        if not self.config.weight_indicators:
+            return 0.0
+        metric = self.config.metric
+        cost = 1 if metric == 'params' else max(spec.out_pixels for spec in self.specs.values())
+        return cost / self.ratios.original.get(metric)
+
     def _update_weight_masks(self, budget):
         """Prune indicators below ``weight_threshold``, smallest first, within ``budget`` metric units."""
+        if self.config.nm:
+            return self._update_nm_masks()
         if budget <= 0:
             return
         mags, costs, owners = [], [], []
@@ -265,6 +390,26 @@ class FMPPruner:
             chosen = idx[take[offset:offset + idx.numel()]]
             offset += idx.numel()
             conv.weight_mask.view(-1)[chosen] = False
+
+    @torch.no_grad()
+    def _update_nm_masks(self):
+        """N:M weight masks (``config.nm`` = (N, M)), replacing the threshold rule at every check.
+
+        For each conv, in every group of M consecutive *kept* input channels at each (output channel,
+        kernel position), the N largest |Z_W| are kept (:func:`fmpsr.pruning.nm.nm_mask`); a last group
+        of fewer than M kept channels is kept whole. The groups are formed over the kept channels, so
+        the finalized (sliced) conv has the N:M pattern along its input axis. Unlike the threshold
+        rule, these masks are recomputed at every check (not monotone), so they always match the
+        current channel masks, including at the check that ends the stage.
+        """
+        n, m = self.config.nm
+        for _, conv in self.hyper.hyper_convs():
+            cols = conv.in_vector.channel_mask().nonzero().flatten()
+            keep = torch.ones_like(conv.weight_mask)
+            if cols.numel():
+                scores = conv.weight_indicator.detach().abs().index_select(1, cols)
+                keep[:, cols] = nm_mask(scores, n, m, axis=1, partial='keep')
+            conv.weight_mask.copy_(keep)
 
     # ---- checkpoints ----
     def state_dict(self):

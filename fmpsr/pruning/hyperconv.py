@@ -67,9 +67,15 @@ class ChannelVector(nn.Module):
         z.mul_(self.mask)
 
     @torch.no_grad()
-    def update_mask_(self, prune_threshold=5e-3, min_channels=4):
+    def update_mask_(self, prune_threshold=5e-3, min_channels=4, round_to=1):
         """Prune (mask) the entries with |z| < ``prune_threshold``; keep at least ``min_channels``
         (the largest |z|). Masks are monotone: a pruned channel never comes back.
+
+        ``round_to`` > 1 (torch-pruning's term) rounds the kept count up to a multiple of ``round_to``
+        by also keeping the largest |z| below the threshold, so that compact widths suit the
+        hardware's fast conv paths (e.g. 16 on AVX-512 CPUs, 8 for tensor cores). Up, not down as in
+        torch-pruning, so no channel above the threshold is ever pruned; while the rounded count
+        exceeds the channels still kept (a vector whose size is not a multiple), nothing is pruned.
 
         Returns:
             int: number of channels newly pruned by this call.
@@ -80,7 +86,9 @@ class ChannelVector(nn.Module):
         # pruned entries rank below every kept one, so the floor only ever picks kept channels
         magnitude = self.z.detach().abs().masked_fill(~self.mask, -1.0)
         keep = (magnitude >= prune_threshold) & self.mask
-        floor = min(min_channels, before)
+        floor = max(int(keep.sum()), min(min_channels, before))
+        if round_to > 1:
+            floor = min(-(-floor // round_to) * round_to, before)
         if int(keep.sum()) < floor:
             keep = torch.zeros_like(keep)
             keep[magnitude.topk(floor).indices] = True

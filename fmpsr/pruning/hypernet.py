@@ -1,10 +1,13 @@
 """Turn a plain conv network into its FMP hypernetwork form (FMP Sec. 3.3, Fig. 3).
 
 :class:`HyperNetwork` takes a plain network and its :class:`~fmpsr.pruning.grouping.ChannelGrouping`,
-replaces every ``nn.Conv2d`` by a :class:`~fmpsr.pruning.hyperconv.HyperConv2d` under the same
+replaces every ``nn.Conv2d`` of ``grouping.convs`` (all but the ``plain_convs`` that
+``pruning.exclude`` leaves dense) by a :class:`~fmpsr.pruning.hyperconv.HyperConv2d` under the same
 module name, and owns one :class:`~fmpsr.pruning.hyperconv.ChannelVector` per group. Everything
 else of the network (activations, PixelShuffle, ESA's pooling) is untouched, so the hypernetwork
-computes the plain network's function with generated weights.
+computes the plain network's function with generated weights. Modules with per-channel parameters
+that do not map a zero channel to zero (BatchNorm, InstanceNorm) have their output multiplied by the
+channel mask (:class:`ChannelOutputMask`), so pruned channels stay exactly zero (issue 14).
 """
 import torch
 from torch import nn
@@ -56,6 +59,15 @@ class HyperNetwork(nn.Module):
                 members.append(hyper)
             self._bank_members.append(members)
         self.net = net
+        self._mask_channel_outputs(grouping)
+
+    def _mask_channel_outputs(self, grouping):
+        """Per-channel modules that do not map a zero channel to zero (BatchNorm, InstanceNorm: see
+        ``ChannelGrouping.masked_output_modules``) get a forward hook multiplying their output by the
+        channel mask, so a pruned channel is exactly zero after them, as it is absent from the compact
+        network (issue 14). Their parameters themselves are left whole until finalize slices them."""
+        for name, side in grouping.masked_output_modules(self.net).items():
+            self.net.get_submodule(name).register_forward_hook(ChannelOutputMask(self._side(side)))
 
     def _side(self, side):
         """A conv side (group name or segments, see ChannelGrouping) as a ChannelVector or ChannelMap."""
@@ -125,3 +137,19 @@ class HyperNetwork(nn.Module):
     def kept_weights(self):
         """Dict conv name -> number of kept weights inside kept channels (int)."""
         return {name: int(conv.keep_mask().sum()) for name, conv in self.hyper_convs()}
+
+
+class ChannelOutputMask:
+    """Forward hook multiplying a module's output (B, C, ...) by a keep mask of its C channels.
+
+    Args:
+        source (ChannelVector | ChannelMap | Tensor): anything with ``channel_mask()`` (read at every
+            call, so masks updated during pruning apply at once) or a fixed bool tensor (C,).
+    """
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, module, inputs, output):
+        mask = self.source if isinstance(self.source, torch.Tensor) else self.source.channel_mask()
+        return output * mask.to(device=output.device, dtype=output.dtype).view(1, -1, *([1] * (output.dim() - 2)))

@@ -49,6 +49,8 @@ class PruningOptions:
         grouping (str | None): channel groups for structured methods: 'hand', 'auto' (torch-pruning's
             dependency graph), None: 'hand' where the arch has one, else 'auto'.
         tie_outputs (tuple): for 'auto': lists of conv names / globs whose outputs share one group.
+        exclude (tuple): conv / module names or globs left out of channel pruning (their channels keep
+            their full width), e.g. a block whose weights are computed in forward.
         check_freq (int): iterations between mask updates / stage checks.
         max_prune_iter (int): length (cap) of the pruning stage, iterations.
         macs_input_size (tuple[int, int]): LR (H, W) in pixels at which MACs are counted.
@@ -56,6 +58,7 @@ class PruningOptions:
     metric: str = 'params'
     grouping: str = None
     tie_outputs: tuple = ()
+    exclude: tuple = ()
     check_freq: int = 100
     max_prune_iter: int = 300000
     macs_input_size: tuple = (64, 64)
@@ -88,6 +91,8 @@ class PruningOptions:
             check_choice('grouping', self.grouping, GROUPING_MODES)
         if not isinstance(self.tie_outputs, tuple):
             raise ValueError(f'pruning.tie_outputs must be a list of lists of conv names, got {self.tie_outputs!r}')
+        if not isinstance(self.exclude, tuple) or not all(isinstance(n, str) for n in self.exclude):
+            raise ValueError(f'pruning.exclude must be a list of module names or globs, got {self.exclude!r}')
         check_number('check_freq', self.check_freq, 1, integer=True)
         check_number('max_prune_iter', self.max_prune_iter, 0, integer=True)
         size = self.macs_input_size

@@ -143,7 +143,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ValueError, OSError) as err:
-        sys.exit(f'error: {err}')
+    from fmpsr.cli import run_cli  # one line on stderr, exit status 2 for bad input (FMPSR_TRACEBACK=1: traceback)
+    run_cli(main, prog='create_lmdb.py')

@@ -1,0 +1,306 @@
+"""Run a comparison: every cell is an ordinary fmpsr run, trained and tested as subprocesses.
+
+``python scripts/compare.py -opt options/compare/<preset>.yml [--jobs N] [--dry-run] [--report-only]``
+
+1. The preset is checked (unknown keys, budgets, methods missing from this fmpsr, each cell's model
+   ``check_options``) before anything is written.
+2. Method cells (method x budget x seed): ``fmpsr/train.py -opt <cell>.yml --auto_resume`` (a killed
+   comparison resumes every cell from its last checkpoint), then ``fmpsr/test.py -opt <cell>_test.yml``
+   on the exported network.
+3. Scratch baselines of each reference cell, once it has finished: the reference's compact widths, and
+   uniform-width networks with its params / MACs (:func:`fmpsr.baselines.uniform_network`), all
+   trained from random initialisation for the same ``train.total_iter`` (``PrunedSRModel``); the runner
+   exports each like a pruning run (``export/net_g.safetensors``, ``pruning.json``).
+4. ``results.jsonl``, ``report.md`` and the figures (:mod:`fmpsr.compare.report`).
+
+A cell whose export and test metrics exist is finished and is not run again; one whose training
+finished but whose test did not only runs the test. Subprocess output goes to
+``results/compare/<preset>/logs/<cell>.{train,test}.log``; wall times to ``cells/<cell>.json``.
+"""
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import yaml
+
+from fmpsr.pruning.export import atomic_write, write_json
+
+from .preset import Cell, Preset, PresetError
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+
+
+class CellFailed(RuntimeError):
+    """A cell's training or test subprocess failed (the message names the cell and its log)."""
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_yaml(path, obj):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            yaml.safe_dump(obj, f, sort_keys=False)
+    atomic_write(path, write)
+
+
+class Runner:
+    """Runs the cells of a :class:`~fmpsr.compare.preset.Preset`.
+
+    Args:
+        preset (Preset): the checked preset.
+        python (str): the interpreter for the subprocesses. Default: this one.
+        jobs (int | None): cells run at once; None: the preset's ``jobs``.
+        log (callable): progress messages (str).
+    """
+
+    def __init__(self, preset, python=sys.executable, jobs=None, log=print):
+        self.preset, self.python, self.log = preset, python, log
+        self.jobs = jobs or preset.jobs
+        self.root = preset.root
+        self.out_dir = preset.out_dir
+        self.ran = []
+        self.skipped = []
+
+    # ---- paths and state ----
+    def exp_dir(self, cell):
+        return os.path.join(self.root, 'experiments', self.preset.experiment_name(cell.name))
+
+    def export_dir(self, cell):
+        return os.path.join(self.exp_dir(cell), 'export')
+
+    def metrics_path(self, cell):
+        return os.path.join(self.root, 'results', f'{self.preset.experiment_name(cell.name)}_test', 'metrics.json')
+
+    def option_path(self, cell, suffix=''):
+        return os.path.join(self.out_dir, 'options', f'{cell.name}{suffix}.yml')
+
+    def timing_path(self, cell):
+        return os.path.join(self.out_dir, 'cells', f'{cell.name}.json')
+
+    def train_done(self, cell):
+        """The export of the end of training exists (methods: ``exported_at_iter`` -1; scratch cells: the
+        runner's export, written after training)."""
+        path = os.path.join(self.export_dir(cell), 'pruning.json')
+        if not os.path.isfile(path) or not os.path.isfile(os.path.join(self.export_dir(cell), 'net_g.safetensors')):
+            return False
+        return cell.is_scratch or _read_json(path).get('exported_at_iter') == -1
+
+    def test_done(self, cell):
+        path = self.metrics_path(cell)
+        return os.path.isfile(path) and set(self.preset.test_sets) <= set(_read_json(path))
+
+    def finished(self, cell):
+        return self.train_done(cell) and self.test_done(cell)
+
+    # ---- one cell ----
+    def write_options(self, cell):
+        """Write the cell's train and test option files; refuse when a started cell's options changed."""
+        path = self.option_path(cell)
+        if os.path.isfile(path) and os.path.isdir(self.exp_dir(cell)):
+            with open(path) as f:
+                old = yaml.safe_load(f)
+            if old != cell.options:
+                raise PresetError(
+                    f'cell {cell.name}: its options differ from those it was started with ({path}); to run it '
+                    f'again with the new ones, delete {self.exp_dir(cell)} (and results/'
+                    f'{self.preset.experiment_name(cell.name)}_test), or restore the preset')
+        _write_yaml(path, cell.options)
+        _write_yaml(self.option_path(cell, '_test'), self.preset.test_options(cell))
+
+    def _subprocess(self, cell, script, option_path, extra, kind):
+        log_path = os.path.join(self.out_dir, 'logs', f'{cell.name}.{kind}.log')
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        cmd = [self.python, script, '-opt', os.path.relpath(option_path, self.root)] + extra
+        self.log(f'[compare] {cell.name}: {kind}: {" ".join(cmd[1:])}')
+        start = time.time()
+        with open(log_path, 'a') as out:
+            result = subprocess.run(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT)
+        elapsed = time.time() - start
+        if result.returncode != 0:
+            with open(log_path) as f:
+                tail = f.read()[-3000:]
+            raise CellFailed(f'cell {cell.name}: {kind} failed with exit status {result.returncode} '
+                             f'(log: {log_path}):\n{tail}')
+        return elapsed
+
+    def run_cell(self, cell):
+        """Train (resuming) and test one cell unless it has finished. Returns True if anything ran."""
+        if self.finished(cell):
+            return False
+        self.write_options(cell)
+        timing = _read_json(self.timing_path(cell)) if os.path.isfile(self.timing_path(cell)) else {}
+        trained = False
+        if not self.train_done(cell):
+            timing['train_s'] = timing.get('train_s', 0.0) + self._subprocess(
+                cell, 'fmpsr/train.py', self.option_path(cell), ['--auto_resume'], 'train')
+            if cell.is_scratch:
+                self.export_scratch(cell)
+            trained = True
+        if trained or not self.test_done(cell):
+            timing['test_s'] = self._subprocess(cell, 'fmpsr/test.py', self.option_path(cell, '_test'), [], 'test')
+        write_json(self.timing_path(cell), timing)
+        self.ran.append(cell.name)
+        return True
+
+    def export_scratch(self, cell):
+        """Export a scratch cell's final network like a pruning run's (safetensors, ``pruning.json``)."""
+        from basicsr.archs import build_network
+        from fmpsr.models.pruned_sr_model import load_checkpoint
+        from fmpsr.pruning import PruneRatios, count, save_compact, trace_conv_specs
+
+        from .recount import in_channels_of
+
+        checkpoint = load_checkpoint(os.path.join(self.exp_dir(cell), 'models', 'net_g_latest.pth'))
+        network_g = checkpoint.get('network_g') or cell.options['network_g']
+        net = build_network(copy.deepcopy(network_g))
+        net.load_state_dict(checkpoint['params'], strict=True)
+        out = self.export_dir(cell)
+        paths = save_compact(out, net, network_g, checkpoint.get('weight_masks'))
+        compact = count(trace_conv_specs(net, self.preset.macs_input_size, in_channels_of(network_g)))
+        ratios = PruneRatios(self.preset.backbone.original, compact, compact).as_dict()
+        write_json(os.path.join(out, 'pruning.json'), {
+            'method': 'scratch', 'baseline': cell.baseline, 'reference': cell.reference, 'match': cell.match,
+            'exported_at_iter': -1, 'network_g': network_g, 'original_network_g': self.preset.opt['network_g'],
+            'ratios': ratios, 'files': paths})
+
+    # ---- scratch baselines ----
+    def scratch_cells(self, reference):
+        """The baselines of a finished reference cell (see the module docstring).
+
+        Uniform widths come from :func:`fmpsr.baselines.uniform_network`, aimed at the reference's counts
+        recounted from its export (``scratch.match``: nonzero or dense). A baseline with no uniform width
+        within ``scratch.tolerance`` is left out, logged and listed in the report.
+        """
+        from fmpsr.baselines import uniform_network
+        from fmpsr.pruning.export import read_network_options
+
+        from .recount import recount_export
+
+        p, s = self.preset, self.preset.scratch
+        export = self.export_dir(reference)
+        counts = recount_export(export, p.macs_input_size)
+        with open(os.path.join(export, 'pruning.json')) as f:
+            info = json.load(f)
+        network_ref = read_network_options(os.path.join(export, 'net_g.safetensors'))
+        cells = []
+        for kind in s['baselines']:
+            name = p.cell_name(reference.method, reference.target, reference.seed, kind, reference.method)
+            match = {'reference': reference.name, 'reference_method': reference.method,
+                     'reference_counts': {k: counts[k] for k in ('params_dense', 'params_nonzero', 'macs_dense',
+                                                                'macs_nonzero')}}
+            if kind == 'same_widths':
+                network_g = network_ref
+                match.update(metric='widths')
+            else:
+                metric = 'params' if kind == 'uniform_params' else 'macs'
+                target = counts[f'{metric}_{s["match"]}']
+                aimed = dict(info, ratios={'pruned_params': target, 'pruned_macs': target})
+                try:
+                    network_g, found, _ = uniform_network(aimed, 'params' if metric == 'params' else 'flops',
+                                                          s['tolerance'])
+                except ValueError as e:
+                    self.log(f'[compare] warning: {name} left out: {e}')
+                    self.skipped.append(f'{name}: {e}')
+                    continue
+                match.update(metric=metric, counted=s['match'], target_count=int(target),
+                             reached_count=found['count'], error=found['relative_error'], within=found['within'],
+                             tolerance=s['tolerance'], k=found['k'], k_free=found['k_free'], width=found['width'])
+            cell = Cell(name, 'scratch', reference.target, reference.seed,
+                        p.scratch_options(name, reference.seed, network_g), baseline=kind,
+                        reference=reference.name, match=match)
+            cells.append(cell)
+        return cells
+
+    # ---- everything ----
+    def _run_all(self, cells):
+        failures = []
+
+        def one(cell):
+            try:
+                self.run_cell(cell)
+            except CellFailed as e:
+                failures.append(e)
+                self.log(f'[compare] FAILED {e}')
+        if self.jobs == 1:
+            for cell in cells:
+                one(cell)
+        else:
+            with ThreadPoolExecutor(self.jobs) as pool:
+                list(pool.map(one, cells))
+        return failures
+
+    def run(self):
+        """Run every unfinished cell, then write the report. Returns the list of all cells.
+
+        Raises:
+            CellFailed: one or more cells failed (after every other cell has run and the report of the
+                finished ones is written).
+        """
+        from .report import write_report
+
+        method_cells = self.preset.method_cells()
+        self.preset.check_cell_options(method_cells)
+        done = sum(self.finished(c) for c in method_cells)
+        self.log(f'[compare] {self.preset.name}: {len(method_cells)} method cells ({done} finished), '
+                 f'{self.jobs} at a time; outputs in {os.path.relpath(self.out_dir, self.root)}')
+        failures = self._run_all(method_cells)
+        cells = list(method_cells)
+        if self.preset.scratch:
+            refs = [c for c in method_cells if c.method in self.preset.scratch['reference'] and self.finished(c)]
+            scratch = [c for ref in refs for c in self.scratch_cells(ref)]
+            self.preset.check_cell_options(scratch)
+            failures += self._run_all(scratch)
+            cells += scratch
+        finished = [c for c in cells if self.finished(c)]
+        write_report(self.preset, finished, self)
+        self.log(f'[compare] ran {len(self.ran)} cells; {len(finished)} of {len(cells)} finished; '
+                 f'report: {os.path.relpath(os.path.join(self.out_dir, "report.md"), self.root)}')
+        if failures:
+            raise CellFailed(f'{len(failures)} cell(s) failed:\n' + '\n'.join(str(f).split('\n')[0] for f in failures))
+        return cells
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Compare pruning methods on equal budgets (fmpsr).')
+    parser.add_argument('-opt', required=True, help='preset, e.g. options/compare/cpu_demo.yml')
+    parser.add_argument('--jobs', type=int, default=None, help="cells trained at once (default: the preset's jobs)")
+    parser.add_argument('--dry-run', action='store_true',
+                        help='check the preset and print the method cells and their pruning keys; run nothing')
+    parser.add_argument('--report-only', action='store_true', help='write the report of the finished cells; run nothing')
+    args = parser.parse_args(argv)
+    import fmpsr  # noqa: F401
+
+    from .methods import MethodNotAvailable
+    try:
+        preset = Preset(args.opt, ROOT)
+        runner = Runner(preset, jobs=args.jobs)
+        if args.dry_run:
+            cells = preset.method_cells()
+            preset.check_cell_options(cells)
+            for cell in cells:
+                keys = {k: v for k, v in cell.options['pruning'].items() if k not in ('type', 'macs_input_size')}
+                print(f'{cell.name}: {cell.options["model_type"]} {keys}')
+            for reason in preset.unreachable:
+                print(f'no cell: {reason}')
+            return 0
+        if args.report_only:
+            from .report import write_report
+            cells = preset.method_cells()
+            if preset.scratch:
+                cells += [c for ref in cells if ref.method in preset.scratch['reference'] and runner.finished(ref)
+                          for c in runner.scratch_cells(ref)]
+            write_report(preset, [c for c in cells if runner.finished(c)], runner)
+            return 0
+        runner.run()
+    except (PresetError, MethodNotAvailable, FileNotFoundError, CellFailed) as e:
+        print(f'compare: {e}', file=sys.stderr)
+        return 1
+    return 0

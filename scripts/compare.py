@@ -1,0 +1,19 @@
+"""Compare pruning methods on equal budgets: ``python scripts/compare.py -opt options/compare/<preset>.yml``
+[``--jobs N``] [``--dry-run``] [``--report-only``].
+
+Every cell (method x budget x seed, and the scratch baselines) is an ordinary fmpsr run, trained with
+``fmpsr/train.py --auto_resume`` and tested with ``fmpsr/test.py``; repeating the command runs only
+the cells that have not finished. Outputs: ``results/compare/<preset>/`` (``results.jsonl``,
+``report.md``, ``figures/``). See :mod:`fmpsr.compare`.
+"""
+import os.path as osp
+import sys
+
+ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from fmpsr.compare.runner import main  # noqa: E402
+
+if __name__ == '__main__':
+    sys.exit(main())

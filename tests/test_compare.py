@@ -1,0 +1,280 @@
+"""The equal-budget comparison (scripts/compare.py, fmpsr.compare): budget searches against counts from
+the papers, preset checks, and the tiny preset end to end, its report recounted independently from the
+exported files."""
+import glob
+import json
+import math
+import os
+import os.path as osp
+import shutil
+import uuid
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from conftest import ROOT, run
+
+from fmpsr.compare import methods as compare_methods
+from fmpsr.compare.budgets import Backbone, ratio_for_budget, ratio_widths
+from fmpsr.compare.methods import (BudgetContext, BudgetUnreachable, MethodEntry, MethodNotAvailable, fmp_keys,
+                                   lth_keys, selection_ratio_keys)
+from fmpsr.compare.preset import Preset, PresetError
+from fmpsr.compare.report import kept_curve, mark_ties, summarize
+
+EDSR_X2 = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 64, 'num_block': 16, 'upscale': 2}
+LSRB_4_32 = {'type': 'LSRB', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 32, 'num_block': 4, 'upscale': 4,
+             'esa_channels': 16}
+TINY = osp.join(ROOT, 'options', 'compare', 'tiny.yml')
+
+
+# ---- an independent recount (forward hooks, not FlopCounterMode; not fmpsr.compare.recount) ----
+def recount(export_dir, input_size):
+    from basicsr.archs import build_network
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = osp.join(export_dir, 'net_g.safetensors')
+    state = load_file(path)
+    with safe_open(path, framework='pt') as f:
+        network_g = json.loads(f.metadata()['network_g'])
+    net = build_network(dict(network_g))
+    net.load_state_dict(state)
+    return count_network(net, state, input_size), network_g
+
+
+def count_network(net, state, input_size):
+    pixels, hooks = {}, []
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(
+                lambda mod, i, o, name=name: pixels.__setitem__(name, o.shape[-2] * o.shape[-1])))
+    with torch.no_grad():
+        net(torch.rand(1, 3, *input_size))
+    for h in hooks:
+        h.remove()
+    out = dict(params_dense=0, params_nonzero=0, macs_dense=0, macs_nonzero=0)
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            w, b = state[f'{name}.weight'], state.get(f'{name}.bias')
+            nb = b.numel() if b is not None else 0
+            nz = int((w != 0).sum())
+            out['params_dense'] += w.numel() + nb
+            out['params_nonzero'] += nz + nb
+            out['macs_dense'] += w.numel() * pixels[name]
+            out['macs_nonzero'] += nz * pixels[name]
+    return out
+
+
+# ---- budgets: no training ----
+@pytest.fixture(scope='module')
+def edsr_x2():
+    return Backbone(EDSR_X2, (16, 16))
+
+
+@pytest.mark.parametrize('ratio,params', [(0.1, 1101745), (0.3, 681039), (0.5, 381795), (0.7, 154139), (0.9, 26869)])
+def test_ratio_search_finds_srp_table1_ratios(edsr_x2, ratio, params):
+    """SRP Table 1 (REFERENCE sec. 4): EDSR x2 conv params at ratio r. Asked for that kept fraction, the
+    search returns a ratio removing ceil(r*64) channels, and the count is exact."""
+    assert edsr_x2.original.params == 1369859
+    match = ratio_for_budget(edsr_x2, 'params', params / 1369859, tolerance=0.01)
+    assert match.params == params and match.error == 0 and match.within
+    assert ratio_widths(edsr_x2, match.value) == ratio_widths(edsr_x2, ratio)
+    assert set(ratio_widths(edsr_x2, ratio).values()) == {64 - math.ceil(ratio * 64)}
+
+
+@pytest.fixture(scope='module')
+def lsrb():
+    return Backbone(LSRB_4_32, (64, 64))
+
+
+def test_budget_keys_of_fmp_and_lth(lsrb):
+    backbone = lsrb
+    keys = fmp_keys(BudgetContext('FMP', backbone, 'macs', 0.3, 0.01, {'weight_share': 0.25}))
+    assert keys['criterion'] == 'total' and keys['metric'] == 'flops'
+    assert keys['gamma_c'] + keys['gamma_w'] == pytest.approx(0.7) and keys['gamma_w'] == pytest.approx(0.175)
+    with pytest.raises(ValueError, match='params budget'):
+        lth_keys(BudgetContext('LTH', backbone, 'macs', 0.3, 0.01, {}))
+    keys = lth_keys(BudgetContext('LTH', backbone, 'params', 0.3, 0.01, {'pruning': {'rounds': 3}}))
+    assert 0 < keys['prune_fraction'] < 1 and keys['rounds'] == 3
+
+
+def test_a_budget_filter_pruning_cannot_reach_is_named():
+    """EDSR x4 keeps its upsampler's channels under SRP / L1-norm (PixelShuffle groups): at 16x16 most MACs
+    are there, so 20 % of the MACs is out of reach; 60 % of the params is not."""
+    edsr_x4 = Backbone(dict(EDSR_X2, num_feat=16, num_block=2, upscale=4), (16, 16))
+    with pytest.raises(BudgetUnreachable, match='SRP cannot keep 0.2 of the macs'):
+        selection_ratio_keys(BudgetContext('SRP', edsr_x4, 'macs', 0.2, 0.01, {}))
+    assert 0 < selection_ratio_keys(BudgetContext('SRP', edsr_x4, 'params', 0.6, 0.01, {}))['ratio'] < 1
+
+
+# ---- presets ----
+def tiny_preset(tmp_path, data, name, **changes):
+    preset = yaml.safe_load(open(TINY))
+    preset['name'] = name
+    preset['datasets']['train'].update(dataroot_gt=str(data / 'train/HR'), dataroot_lq=str(data / 'train/LR'))
+    preset['datasets']['test'] = {'tiny_val': {'dataroot_gt': str(data / 'val/HR'), 'dataroot_lq': str(data / 'val/LR')}}
+    for key, value in changes.items():
+        node = preset
+        *parents, last = key.split('.')
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp_path / f'{name}.yml'
+    path.write_text(yaml.safe_dump(preset))
+    return str(path)
+
+
+def test_methods_missing_from_this_fmpsr_are_refused_by_name(tmp_path, data, monkeypatch):
+    name = f'cmp_refuse_{uuid.uuid4().hex[:6]}'
+    with pytest.raises(MethodNotAvailable, match="'NoSuchMethod'"):
+        Preset(tiny_preset(tmp_path, data, name, methods={'NoSuchMethod': {}}), ROOT)
+    monkeypatch.setitem(compare_methods.METHODS, 'Future', MethodEntry('FutureModel', fmp_keys, 'future'))
+    with pytest.raises(MethodNotAvailable, match="'FutureModel'.*not registered"):
+        Preset(tiny_preset(tmp_path, data, name, methods={'FMP': {}, 'Future': {}}), ROOT)
+    # the CLI says so and exits 1, before any folder is made
+    result = run_cli(['-opt', tiny_preset(tmp_path, data, name, methods={'NoSuchMethod': {}})], check=False)
+    assert result.returncode == 1 and 'NoSuchMethod' in result.stderr
+    assert not osp.exists(osp.join(ROOT, 'results', 'compare', name))
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('budget.targets', [0.5, 1.2], 'budget.targets'),
+    ('budget.metric', 'joules', 'budget.metric'),
+    ('scratch.reference', ['DHP2'], 'scratch.reference'),
+    ('methods.FMP.pruning.gamma_c', 0.1, 'methods.FMP.pruning.gamma_c'),
+    ('methods.FMP.train', {'total_iter': 5}, 'total_iter'),
+    ('datasets.train.dataroot_gt', '/no/such/folder', 'datasets.train.dataroot_gt'),
+])
+def test_bad_presets_are_refused_with_the_key(tmp_path, data, key, value, message):
+    path = tiny_preset(tmp_path, data, 'cmp_bad', **{key: value})
+    with pytest.raises(PresetError, match=message.replace('.', r'\.')):
+        Preset(path, ROOT).method_cells()
+
+
+# ---- report helpers ----
+def record(method, target, seed, psnr):
+    return {'method': method, 'kind': 'method', 'target': {'kept': target}, 'seed': seed, 'within_tolerance': True,
+            'reached': {'params_nonzero': 1, 'params_dense': 1, 'macs_nonzero': 1, 'macs_dense': 1}, 'kept': target,
+            'iterations': 10, 'prune_iterations': 5, 'test': {'val': {'psnr': psnr, 'ssim': 0.5}}}
+
+
+def test_ties_are_differences_below_the_spread():
+    records = [record('A', 0.5, 0, 30.0), record('A', 0.5, 1, 30.2),    # mean 30.1, std 0.141
+               record('B', 0.5, 0, 30.0), record('B', 0.5, 1, 30.1),    # mean 30.05: 0.05 below A -> tie
+               record('C', 0.5, 0, 29.0), record('C', 0.5, 1, 29.1)]    # a whole dB below -> no tie
+    summary = summarize(records, ['val'])
+    assert summary[('A', 0.5)]['psnr']['val'][0] == pytest.approx(30.1)
+    assert summary[('A', 0.5)]['psnr']['val'][1] == pytest.approx(0.2 / 2 ** 0.5)
+    marks = mark_ties(summary, ['val'])
+    assert (marks[('A', 0.5, 'val')], marks[('B', 0.5, 'val')], marks[('C', 0.5, 'val')]) == ('best', 'tie', '')
+    one_seed = summarize([record('A', 0.5, 0, 30.0), record('B', 0.5, 0, 29.99)], ['val'])
+    assert mark_ties(one_seed, ['val'])[('B', 0.5, 'val')] == ''   # no spread, no tie
+
+
+def test_kept_curve_reads_every_log_of_a_resumed_run(tmp_path):
+    (tmp_path / 'train_x_1.log').write_text('[prune iter 10] params: channel ratio 0.1, weight ratio 0.0, kept 0.9000 (x)\n'
+                                            '[prune iter 20] params: channel ratio 0.2, weight ratio 0.0, kept 0.8000\n')
+    (tmp_path / 'train_x_2.log').write_text('noise\n[prune iter 20] flops: channel ratio 0.25, weight ratio 0.0, kept 0.7500\n')
+    assert kept_curve(str(tmp_path)) == [(10, 0.9), (20, 0.75)]
+
+
+# ---- end to end ----
+def run_cli(args, check=True):
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    if check:
+        return run([sys.executable, 'scripts/compare.py'] + args, timeout=900)
+    return subprocess.run([sys.executable, 'scripts/compare.py'] + args, cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.fixture
+def tiny_run(tmp_path, data):
+    name = f'tiny_{uuid.uuid4().hex[:8]}'
+    path = tiny_preset(tmp_path, data, name)
+    yield name, path
+    shutil.rmtree(osp.join(ROOT, 'results', 'compare', name), ignore_errors=True)
+    for folder in glob.glob(osp.join(ROOT, 'experiments', f'cmp_{name}_*')) + \
+            glob.glob(osp.join(ROOT, 'results', f'cmp_{name}_*')) + glob.glob(osp.join(ROOT, 'tb_logger', f'cmp_{name}_*')):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_tiny_preset_end_to_end_recounted_and_not_rerun(tiny_run, capsys):
+    name, path = tiny_run
+    first = run_cli(['-opt', path])
+    out = osp.join(ROOT, 'results', 'compare', name)
+    assert 'ran 10 cells' in first.stdout
+    with open(osp.join(out, 'results.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    preset = yaml.safe_load(open(path))
+    size = tuple(preset['macs_input_size'])
+    original, _ = recount_dense(preset['network_g'], size)
+    by_cell = {r['cell']: r for r in records}
+    assert sorted(by_cell) == sorted(
+        [f'{m}-params{t}-s0' for m in ('FMP', 'DHP') for t in (0.7, 0.5)]
+        + [f'scratch-{k}-FMP-params{t}-s0' for k in ('same_widths', 'uniform_params', 'uniform_macs') for t in (0.7, 0.5)])
+    report = open(osp.join(out, 'report.md')).read()
+    for r in records:
+        exp = osp.join(ROOT, r['experiment'])
+        counts, network_g = recount(osp.join(exp, 'export'), size)
+        assert r['reached'] == dict(counts, **{f'kept_{k}': v / original['params_dense' if k.startswith('params') else 'macs_dense']
+                                               for k, v in counts.items()})
+        assert r['original'] == {'params': original['params_dense'], 'macs': original['macs_dense']}
+        kept = counts['params_nonzero'] / original['params_dense']
+        assert r['kept'] == pytest.approx(kept, abs=0)
+        if r['kind'] == 'method':
+            assert r['within_tolerance'] == (abs(kept - r['target']['kept']) <= 0.01)
+        metrics = json.load(open(osp.join(ROOT, 'results', f'cmp_{name}_{r["cell"]}_test', 'metrics.json')))
+        assert r['test'] == {'tiny_val': metrics['tiny_val']}
+        assert r['iterations'] == r['total_iter'] == 40       # the same training length for every cell
+        assert f"{counts['params_nonzero'] / 1e3:,.1f} K" in report and f"{metrics['tiny_val']['psnr']:.2f}" in report
+        opt = yaml.safe_load(open(osp.join(out, 'options', f'{r["cell"]}.yml')))
+        assert opt['manual_seed'] == 0 and opt['train']['total_iter'] == 40
+        if r['kind'] == 'method':
+            assert opt['pruning']['metric'] == 'params'
+        else:
+            assert opt['model_type'] == 'PrunedSRModel' and opt['path']['pretrain_network_g'] is None
+    for t in (0.7, 0.5):
+        fmp = by_cell[f'FMP-params{t}-s0']
+        assert fmp['pruning']['gamma_c'] + fmp['pruning']['gamma_w'] == pytest.approx(1 - t)
+        same = by_cell[f'scratch-same_widths-FMP-params{t}-s0']
+        assert same['network_g'] == fmp['network_g'] and same['widths'] == fmp['widths']
+        up = by_cell[f'scratch-uniform_params-FMP-params{t}-s0']['reached']['params_dense']
+        um = by_cell[f'scratch-uniform_macs-FMP-params{t}-s0']['reached']['macs_dense']
+        assert abs(up / fmp['reached']['params_nonzero'] - 1) <= 0.02
+        assert abs(um / fmp['reached']['macs_nonzero'] - 1) <= 0.02
+    for figure in ('psnr_vs_params', 'psnr_vs_macs', 'widths', 'kept_vs_iter'):
+        with open(osp.join(out, 'figures', f'{figure}.png'), 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+        assert f'figures/{figure}.png' in report
+    # the prune-stage log lines were parsed into the kept-ratio figure's data
+    assert kept_curve(osp.join(ROOT, by_cell['FMP-params0.5-s0']['experiment']))
+
+    logs = sorted(os.listdir(osp.join(out, 'logs')))
+    stamps = {p: os.path.getmtime(p) for p in glob.glob(osp.join(ROOT, 'experiments', f'cmp_{name}_*', 'export', '*'))}
+    second = run_cli(['-opt', path])
+    assert 'ran 0 cells' in second.stdout and 'train:' not in second.stdout
+    assert sorted(os.listdir(osp.join(out, 'logs'))) == logs
+    assert {p: os.path.getmtime(p) for p in stamps} == stamps
+    # a cell whose test results are gone runs its test again, not its training
+    shutil.rmtree(osp.join(ROOT, 'results', f'cmp_{name}_DHP-params0.5-s0_test'))
+    third = run_cli(['-opt', path])
+    assert 'ran 1 cells' in third.stdout and 'DHP-params0.5-s0: test:' in third.stdout and 'train:' not in third.stdout
+    # --report-only rewrites the same report from the files; --dry-run lists the method cells
+    from fmpsr.compare.runner import main
+    before = open(osp.join(out, 'results.jsonl')).read()
+    assert main(['-opt', path, '--report-only']) == 0
+    assert open(osp.join(out, 'results.jsonl')).read() == before
+    capsys.readouterr()
+    assert main(['-opt', path, '--dry-run']) == 0
+    listed = [line.split(':')[0] for line in capsys.readouterr().out.splitlines() if line.endswith('}')]
+    assert sorted(listed) == sorted(c for c in by_cell if not c.startswith('scratch'))
+
+
+def recount_dense(network_g, size):
+    from basicsr.archs import build_network
+    net = build_network(dict(network_g))
+    return count_network(net, net.state_dict(), size), network_g
