@@ -33,8 +33,8 @@ setup(
         'test': ['pytest', 'hypothesis'] + ONNX,
     },
     entry_points={'console_scripts': [
-        'fmpsr-infer = fmpsr.deploy.inference:main',
-        'fmpsr-export-onnx = fmpsr.deploy.onnx_export:main',
+        'fmpsr-infer = fmpsr.deploy.inference:cli',
+        'fmpsr-export-onnx = fmpsr.deploy.onnx_export:cli',
     ]},
     license='Apache-2.0',
 )

@@ -11,8 +11,11 @@
 * The resume state is found and loaded with :func:`fmpsr.compat.load_resume_state` (CPU-safe,
   ``weights_only``).
 """
+import logging
+
 import basicsr.test
 import basicsr.train
+from basicsr.utils import logger as basicsr_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from .compat import load_resume_state
@@ -45,9 +48,26 @@ def check_options(opt):
 def _parse_options(parse):
     def parse_and_check(root_path, is_train=True):
         opt, args = parse(root_path, is_train=is_train)
+        configured = 'basicsr' in basicsr_logger.initialized_logger
         check_options(opt)
+        if not configured:
+            _forget_logger('basicsr')
         return opt, args
     return parse_and_check
+
+
+def _forget_logger(name):
+    """Undo a configuration of BasicSR's logger ``name`` made by a check (e.g. ``build_network`` logs).
+
+    ``get_root_logger`` sets the level and the log file on its first call only; a first call from a
+    check, before the pipeline's own call with ``log_file``, would leave INFO messages off and no
+    ``train_*.log``.
+    """
+    if basicsr_logger.initialized_logger.pop(name, None) is not None:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def _load_resume_state(opt):

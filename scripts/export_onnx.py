@@ -15,4 +15,5 @@ if ROOT not in sys.path:
 from fmpsr.deploy.onnx_export import main  # noqa: E402
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from fmpsr.cli import run_cli
+    run_cli(main, prog='export_onnx.py', use_return_code=True)

@@ -50,4 +50,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    from fmpsr.cli import run_cli
+    run_cli(main, prog='scratch_baseline.py')

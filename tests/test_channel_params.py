@@ -339,6 +339,7 @@ def test_ecbsr_is_refused_and_srvgg_passes_the_check():
     assert check_prunable(SRVGG, (16, 16)).channel_params
 
 
+@pytest.mark.slow
 def test_uncouplable_arch_stops_train_py_before_any_experiment_folder(tmp_path, data, names):
     """Needs ``check_prunable`` in ``FMPModel.check_options`` (see notes/issue14.md)."""
     name = names('pytest_uncouplable')

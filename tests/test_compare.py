@@ -21,7 +21,7 @@ from fmpsr.compare.budgets import Backbone, ratio_for_budget, ratio_widths
 from fmpsr.compare.methods import (BudgetContext, BudgetUnreachable, MethodEntry, MethodNotAvailable, fmp_keys,
                                    lth_keys, selection_ratio_keys)
 from fmpsr.compare.preset import Preset, PresetError
-from fmpsr.compare.report import kept_curve, mark_ties, summarize
+from fmpsr.compare.report import kept_curve, mark_ties, summarize, trained_iterations
 
 EDSR_X2 = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 64, 'num_block': 16, 'upscale': 2}
 LSRB_4_32 = {'type': 'LSRB', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 32, 'num_block': 4, 'upscale': 4,
@@ -178,6 +178,12 @@ def test_kept_curve_reads_every_log_of_a_resumed_run(tmp_path):
                                             '[prune iter 20] params: channel ratio 0.2, weight ratio 0.0, kept 0.8000\n')
     (tmp_path / 'train_x_2.log').write_text('noise\n[prune iter 20] flops: channel ratio 0.25, weight ratio 0.0, kept 0.7500\n')
     assert kept_curve(str(tmp_path)) == [(10, 0.9), (20, 0.75)]
+    (tmp_path / 'training_states').mkdir()
+    (tmp_path / 'training_states' / '1000.state').write_bytes(b'')
+    assert trained_iterations(str(tmp_path)) == 1000
+    with open(tmp_path / 'train_x_2.log', 'a') as f:
+        f.write('2026 INFO: [cmp_t..][epoch:  3, iter:   1,200, lr:(1.000e-03,)] [eta: 0:00:00] l_pix: 1e-2\n')
+    assert trained_iterations(str(tmp_path)) == 1200
 
 
 # ---- end to end ----
@@ -251,7 +257,10 @@ def test_tiny_preset_end_to_end_recounted_and_not_rerun(tiny_run, capsys):
             assert f.read(8) == b'\x89PNG\r\n\x1a\n'
         assert f'figures/{figure}.png' in report
     # the prune-stage log lines were parsed into the kept-ratio figure's data
-    assert kept_curve(osp.join(ROOT, by_cell['FMP-params0.5-s0']['experiment']))
+    fmp_dir = osp.join(ROOT, by_cell['FMP-params0.5-s0']['experiment'])
+    curve = kept_curve(fmp_dir)
+    assert curve and curve[-1][0] == by_cell['FMP-params0.5-s0']['prune_iterations'], \
+        (curve, os.listdir(fmp_dir), [open(p).read()[-3000:] for p in glob.glob(osp.join(fmp_dir, 'train_*.log'))])
 
     logs = sorted(os.listdir(osp.join(out, 'logs')))
     stamps = {p: os.path.getmtime(p) for p in glob.glob(osp.join(ROOT, 'experiments', f'cmp_{name}_*', 'export', '*'))}

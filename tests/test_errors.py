@@ -232,3 +232,31 @@ def test_an_unsafe_checkpoint_is_refused_by_name(tmp_path, data, names):
     assert last.startswith(f"fmpsr: error: network checkpoint {str(evil)!r} was refused: loading it would run code")
     assert 'posix.system' in last and 'Traceback' not in result.stderr
     assert not osp.exists(Exploit.marker)
+
+
+def test_the_checks_leave_basicsr_logger_to_the_pipeline(tmp_path, data, monkeypatch):
+    """A check that builds a network (BasicSR's build_network logs) must not be the first caller of
+    get_root_logger: that call fixes the level and the log file, and the run would log nothing."""
+    import logging
+
+    import basicsr.train
+    from basicsr.utils import get_root_logger
+    from basicsr.utils import logger as basicsr_logger
+    monkeypatch.setattr(basicsr_logger, 'initialized_logger', {})  # as in a fresh process
+    saved = logging.getLogger('basicsr').handlers[:]
+    yml = tmp_path / 'opt.yml'
+    write_options(yml, 'pytest_logger', data, extra={'pruning.grouping': 'auto'})
+    monkeypatch.setattr(sys, 'argv', ['train.py', '-opt', str(yml)])
+    try:
+        basicsr.train.parse_options(ROOT, is_train=True)  # fmpsr's checks run inside
+        assert 'basicsr' not in basicsr_logger.initialized_logger
+        log_file = tmp_path / 'train.log'
+        get_root_logger(log_file=str(log_file)).info('the pipeline configures the logger')
+        assert 'the pipeline configures the logger' in log_file.read_text()
+    finally:
+        logger = logging.getLogger('basicsr')
+        for handler in logger.handlers[:]:
+            logger.removeHandler(handler)
+            handler.close()
+        for handler in saved:
+            logger.addHandler(handler)

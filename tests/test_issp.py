@@ -254,6 +254,7 @@ def test_tiny_forms_cover_every_method():
     assert {load(p)['pruning']['method'] for p in TINY} == {'iss_p', 'iht', 'iss_r'}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', TINY, ids=osp.basename)
 def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
     opt = load(path)
@@ -334,6 +335,7 @@ RESUME_EXTRA = {'network_g': dict(EDSR), 'train.total_iter': 45, 'logger.save_ch
                             'macs_input_size': [16, 16]}}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_in_the_pruning_stage(data, names, tmp_path):
     """ISS-R (random sets drawn from (manual_seed, iteration)) killed at iteration 10 of 30 pruning
     iterations and resumed with --auto_resume ends bit-identical to an uninterrupted run."""

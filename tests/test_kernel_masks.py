@@ -241,6 +241,7 @@ def test_full_option_files_pass_the_checks_and_match_their_tiny_forms():
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', TINY, ids=osp.basename)
 def test_tiny_kernel_masks_run_end_to_end(path, data_at, names, tmp_path):
     data = data_at(4)
@@ -300,6 +301,7 @@ def test_tiny_kernel_masks_run_end_to_end(path, data_at, names, tmp_path):
         assert 5 < load(osp.join(ROOT, 'results', test_name, 'metrics.json'))['tiny_val']['psnr'] < 60
 
 
+@pytest.mark.slow
 def test_erss_resumes_after_sigkill_in_the_dense_period(data_at, names, tmp_path):
     from test_reliability import assert_same_result, final_state, kill_when, last_state
     data = data_at(4)

@@ -182,6 +182,7 @@ def exported(name):
             load(osp.join(export, 'pruning.json')))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', TINY, ids=osp.basename)
 def test_tiny_lth_runs_end_to_end(path, data_at, names, tmp_path):
     data = data_at(4)
@@ -229,6 +230,7 @@ def test_tiny_lth_runs_end_to_end(path, data_at, names, tmp_path):
         assert 5 < load(osp.join(ROOT, 'results', test_name, 'metrics.json'))['tiny_val']['psnr'] < 60
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_inside_the_second_round(data_at, names, tmp_path):
     data = data_at(4)
     path = osp.join(ROOT, 'options', 'tiny', 'lth', 'lmc_lth_edsr_x4.yml')

@@ -87,6 +87,7 @@ def test_fmp_nm_options_are_checked():
         FMPConfig.from_options({'nm': [2, 4, 8]})
 
 
+@pytest.mark.slow
 def test_fmp_with_nm_exports_n_of_every_m(data, names, tmp_path):
     """FMP on a tiny LSRB with nm [2, 4]: channels are pruned, and every exported conv has exactly two
     nonzeros in every full group of 4 (kept) input channels; a last partial group keeps all."""

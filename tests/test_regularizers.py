@@ -118,7 +118,8 @@ def test_pruner_regularization_uses_the_loss_on_kept_indicators():
         conv.weight_mask[0] = False                           # one output channel's weights pruned
     config = FMPConfig.from_options({'weight_reg': 'weight_decay', 'weight_reg_reduction': 'sum', 'lambda_w': 0.3})
     pruner = FMPPruner(hyper, specs, config)
-    expected = 0.3 * 0.5 * sum(float((c.weight_indicator.detach() * c.keep_mask()).pow(2).sum()) for _, c in hyper.hyper_convs())
+    expected = 0.3 * 0.5 * sum(float((c.weight_indicator.detach() * c.keep_mask()).pow(2).sum())
+                               for _, c in hyper.hyper_convs())
     assert pruner.regularization().item() == pytest.approx(expected, rel=1e-5)
     assert float(conv.weight_indicator[0].detach().abs().sum()) > 0   # masked ones exist but do not count
     pruner.weight_frozen = True
@@ -227,9 +228,35 @@ def test_indicator_opt_maps_onto_the_config(tmp_path, data):
     opt['is_train'] = True
     for key in ('lambda_w',):
         opt['pruning'].pop(key)
-    opt['train']['indicator_opt'] = {'type': 'WeightIndicatorLoss', 'loss_weight': 0.5, 'norm': 'l2', 'reduction': 'sum'}
+    opt['train']['indicator_opt'] = {'type': 'WeightIndicatorLoss', 'loss_weight': 0.5, 'norm': 'l2',
+                                     'reduction': 'sum'}
     config = FMPModel.check_options(opt)
     assert (config.lambda_w, config.weight_reg, config.weight_reg_reduction) == (0.5, 'l2', 'sum')
     opt['train']['indicator_opt'] = {'type': 'NoSuchLoss'}
     with pytest.raises(ValueError, match="no loss named 'NoSuchLoss'"):
         FMPModel.check_options(opt)
+
+
+def test_indicator_dynamics_benchmark_quick(tmp_path):
+    """scripts/benchmark/indicator_dynamics.py --quick on LSRB-4-32: JSON + PNG, and the pulls it reports are
+    lambda_W / N_W (averaged term) and lambda_W (summed L1 term) exactly."""
+    import importlib.util
+    import json
+    from conftest import ROOT
+    path = f'{ROOT}/scripts/benchmark/indicator_dynamics.py'
+    spec = importlib.util.spec_from_file_location('indicator_dynamics', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / 'dyn.json'
+    module.main(['--quick', '--archs', 'lsrb', '--out', str(out)])
+    data = json.loads(out.read_text())
+    assert (tmp_path / 'dyn.png').stat().st_size > 0
+    rows = {r['form']: r for r in data['results']}
+    assert set(rows) == {'adam_mean', 'proximal_adam'}
+    n_w = rows['adam_mean']['n_indicators']
+    assert n_w == sum(b.weight_indicator.numel() for b in module.build('lsrb', 0)[0].banks)
+    assert rows['adam_mean']['g_reg_abs_mean'] == pytest.approx(0.02 / n_w, rel=1e-3)
+    assert rows['proximal_adam']['g_reg_abs_mean'] == pytest.approx(0.02, rel=1e-3)
+    assert data['target']['gamma_w'] == 0.1148 and data['target']['budget'] == 300000
+    # the projection honours the lr schedule: 250 K full-lr steps from 0 take 200 K + 2 * 50 K iterations
+    assert module.iterations_for(250_000, 0, [200_000, 400_000], 0.5) == pytest.approx(300_000)

@@ -81,6 +81,7 @@ def test_exact_and_uniform_baselines(tmp_path, arch):
         assert len(per_block) == 3 and len({tuple(sorted(v.items())) for v in per_block.values()}) == 1
 
 
+@pytest.mark.slow
 def test_script_writes_the_option_files(tmp_path):
     export, _, _ = make_export(tmp_path, ARCHS['EDSR'])
     out = tmp_path / 'opts'

@@ -34,10 +34,17 @@ def kept_curve(exp_dir):
     return sorted(points.items())
 
 
+ITER_LOG_RE = re.compile(r'\[epoch:\s*\d+, iter:\s*([\d,]+),')
+
+
 def trained_iterations(exp_dir):
-    """The last saved training state's iteration (``training_states/<iter>.state``), or None."""
+    """The last iteration a run reached: the largest of its saved training states
+    (``training_states/<iter>.state``) and of the ``iter:`` of its training log lines, or None."""
     stems = [os.path.basename(p).split('.')[0] for p in glob.glob(os.path.join(exp_dir, 'training_states', '*.state'))]
     iters = [int(s) for s in stems if s.isdigit()]
+    for path in glob.glob(os.path.join(exp_dir, 'train_*.log')):
+        with open(path, errors='replace') as f:
+            iters += [int(m.group(1).replace(',', '')) for m in ITER_LOG_RE.finditer(f.read())]
     return max(iters) if iters else None
 
 

@@ -262,3 +262,10 @@ def main(argv=None):
     if failed:
         print(f'{len(failed)} of {len(inputs)} files skipped: {", ".join(failed)}', file=sys.stderr)
     return 1 if failed else 0
+
+
+def cli():
+    """Console-script entry point (``fmpsr-infer``): :func:`main` with one-line errors for bad input
+    (:func:`fmpsr.cli.run_cli`)."""
+    from fmpsr.cli import run_cli
+    run_cli(main, prog='fmpsr-infer', use_return_code=True)

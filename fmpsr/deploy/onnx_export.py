@@ -125,3 +125,10 @@ def main(argv=None):
 
 if __name__ == '__main__':
     sys.exit(main())
+
+
+def cli():
+    """Console-script entry point (``fmpsr-export-onnx``): :func:`main` with one-line errors for bad input
+    (:func:`fmpsr.cli.run_cli`)."""
+    from fmpsr.cli import run_cli
+    run_cli(main, prog='fmpsr-export-onnx', use_return_code=True)

@@ -88,7 +88,7 @@ class FMPModel(PruningModel):
 
     Raises:
         ValueError: bad ``pruning`` options (unknown key, metric, criterion, regulariser, targets),
-            ``network_g.upscale`` != ``scale``, LR patch too small for ESA, EMA asked for,
+            ``network_g.upscale`` != ``scale``, LR patch too small for ESA,
             ``max_prune_iter`` >= ``train.total_iter``.
         KeyError: ``pruning.grouping: hand`` for an arch without a hand-written grouping.
     """
@@ -268,6 +268,7 @@ class FMPModel(PruningModel):
 
     def release_prune_state(self):
         del self.pruner
+        self.optimizer_w = None  # holds the weight indicators (and SGD buffers) of the dropped hypernetwork
 
     @torch.no_grad()
     def check_ranks_agree(self, current_iter):

@@ -285,4 +285,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    from fmpsr.cli import run_cli
+    run_cli(main, prog='fmp_step_overhead.py')

@@ -6,8 +6,8 @@ network) for a few hundred steps on small LR patches cut from scikit-image's sam
 *form* of the indicator update, and measures per indicator:
 
 * ``g_rec``: the reconstruction gradient dL_rec/dZ_W (mean over steps of |g| and |mean g|);
-* ``g_reg``: the regulariser's gradient dlambda_W R/dZ_W (for the proximal forms: the shrinkage per
-  step divided by the lr, the equivalent pull);
+* ``g_reg``: the regulariser's gradient dlambda_W R/dZ_W, mean of its magnitude (in the proximal forms it is
+  not back-propagated; the proximal step's shrinkage per step is lr times it, for small steps);
 * the change of |Z_W| per step (mean over indicators), and per indicator the drift rate of |Z_W|
   over the second half of the run.
 
@@ -191,6 +191,8 @@ def warm_up(arch, args, data):
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if len(losses) % 10 == 0:
+            print(f'{arch}: warm-up step {len(losses)}: L1 {losses[-1]:.4g}', file=sys.stderr, flush=True)
     return {k: v.clone() for k, v in hyper.state_dict().items()}, losses
 
 
@@ -228,14 +230,14 @@ def run_form(arch, form, norm, args, data, target, start):
         g_rec = flat([t.grad for t in indicators])
         sum_grec += g_rec.double()
         sum_abs_grec += g_rec.abs().double()
-        reg = pruner.regularization()
-        if update == 'gradient' and reg.grad_fn is not None:
-            g_reg = torch.autograd.grad(reg, indicators)
+        # the regulariser's gradient; added to Z_W's gradient in the gradient forms (what
+        # pruner.regularization() back-propagates), applied as a proximal step in the others
+        kept, masks = pruner._kept_indicators()
+        g_reg = torch.autograd.grad(loss_fn(kept, masks), indicators)
+        if update == 'gradient':
             for t, g in zip(indicators, g_reg):
                 t.grad += g
-            sum_abs_greg += float(flat(g_reg).abs().mean())
-        else:  # proximal: the shrinkage per step / lr, the pull it is equivalent to (l1)
-            sum_abs_greg += loss_fn.scale(indicators) if norm == 'l1' else float('nan')
+        sum_abs_greg += float(flat(g_reg).abs().mean())
         for o in optimizers:
             o.step()
         pruner.proximal_step(args.lr)
@@ -345,4 +347,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    from fmpsr.cli import run_cli
+    run_cli(main, prog='indicator_dynamics.py')
