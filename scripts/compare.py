@@ -16,4 +16,5 @@ if ROOT not in sys.path:
 from fmpsr.compare.runner import main  # noqa: E402
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from fmpsr.cli import run_cli
+    run_cli(main, prog='compare.py', use_return_code=True)

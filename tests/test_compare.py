@@ -208,6 +208,7 @@ def tiny_run(tmp_path, data):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_tiny_preset_end_to_end_recounted_and_not_rerun(tiny_run, capsys):
     name, path = tiny_run
     first = run_cli(['-opt', path])
