@@ -214,3 +214,13 @@ def test_train_py_with_grouping_auto_exports_a_plain_lsrb(tmp_path, data, names)
     assert net.conv_after_body.in_channels == widths[-1] and all(
         block.conv2.out_channels == w for block, w in zip(net.body, widths))
     assert min(widths) < 12  # channels were pruned
+
+
+def test_hand_grouping_of_unequal_boundaries_is_refused_in_the_option_check():
+    from fmpsr.models.fmp_model import FMPModel
+    opt = {'scale': 2, 'is_train': False, 'pruning': {'macs_input_size': [16, 16]},
+           'network_g': {'type': 'LSRB', 'num_feat': 12, 'num_block': 2, 'upscale': 2, 'stream_feats': [12, 8, 10]}}
+    with pytest.raises(ValueError, match='stream_feats'):
+        FMPModel.check_options(opt)
+    opt['pruning']['grouping'] = 'auto'
+    FMPModel.check_options(opt)  # the per-boundary grouping accepts it

@@ -110,6 +110,10 @@ class FMPModel(PruningModel):
                            f'grouping (known: {sorted(GROUPINGS)}); use pruning.grouping: auto')
         if config.tie_outputs and (config.grouping or ('hand' if arch in GROUPINGS else 'auto')) != 'auto':
             raise ValueError('pruning.tie_outputs applies to pruning.grouping: auto only (set pruning.grouping: auto)')
+        stream = (opt.get('network_g') or {}).get('stream_feats')
+        if arch == 'LSRB' and stream and len(set(stream)) > 1 and (config.grouping or 'hand') == 'hand':
+            raise ValueError(f'pruning.grouping: hand ties every LSRB block boundary to one width, but '
+                             f'network_g.stream_feats = {stream} differ; use pruning.grouping: auto')
         # convs the hypernetwork cannot couple (computed weights, grouped convs, ops that mix channels) are
         # refused here, before any experiment folder exists (fmpsr.pruning.coupling.check_prunable)
         check_prunable(opt['network_g'], config.macs_input_size, config.tie_outputs, config.exclude, config.grouping)
