@@ -13,6 +13,8 @@
 """
 import logging
 
+import torch
+
 import basicsr.test
 import basicsr.train
 from basicsr.utils import logger as basicsr_logger
@@ -40,7 +42,10 @@ def check_options(opt):
         raise KeyError(f'model_type: unknown model {model_type!r} (known: {known})')
     model_cls = MODEL_REGISTRY.get(model_type)
     if hasattr(model_cls, 'check_options'):
-        model_cls.check_options(opt)
+        # checks may build networks (e.g. fmpsr.pruning.coupling.check_prunable): their weight init must
+        # not draw from the global RNG that BasicSR has just seeded for the run itself
+        with torch.random.fork_rng(devices=[]):
+            model_cls.check_options(opt)
     check_paths(opt)
     check_datasets(opt)
 

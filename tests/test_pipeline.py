@@ -170,3 +170,17 @@ def test_torchrun_two_processes_with_gloo(data, names, tmp_path):
     exp = osp.join(ROOT, 'experiments', name)
     assert osp.isfile(osp.join(exp, 'export', 'net_g.safetensors'))
     assert osp.isfile(osp.join(exp, 'models', 'net_g_latest.pth'))
+
+
+def test_option_checks_leave_the_global_rng_to_the_run(tmp_path, data):
+    """The checks build networks (check_prunable, plot_layers checks); their weight init must not draw
+    from the RNG BasicSR seeded for the run, or the run's own init would depend on which checks ran."""
+    import torch
+    from fmpsr.pipeline import check_options
+    opt = write_options(tmp_path / 'o.yml', 'rng_check', data, extra={'pruning.grouping': 'auto'})
+    opt['is_train'] = True
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    check_options(opt)
+    assert torch.equal(torch.rand(4), expected)
