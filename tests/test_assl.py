@@ -50,6 +50,7 @@ def train_opt(path, **extra):
     return opt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', sorted(glob.glob(osp.join(ROOT, 'options/assl/*.yml'))))
 def test_full_file_and_its_tiny_form(path):
     full = train_opt(path)

@@ -4,9 +4,12 @@ import importlib.util
 import json
 import os.path as osp
 
+import pytest
+
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
 
 
+@pytest.mark.slow
 def test_quick_run_reports_a_consistent_ratio(capsys):
     spec = importlib.util.spec_from_file_location(
         'fmp_step_overhead', osp.join(ROOT, 'scripts', 'benchmark', 'fmp_step_overhead.py'))

@@ -35,6 +35,7 @@ def lsrb_conv_pixels(name, size):
     return size ** 2
 
 
+@pytest.mark.slow
 def test_quick_run_reports_consistent_counts(tmp_path, script, capsys):
     _, export = make_export(tmp_path / 'export', LSRB_COMPACT, zero_fraction=0.4, dense_opt=LSRB_DENSE)
     result = script.main(['--quick', '--no-onnx', export])

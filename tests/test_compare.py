@@ -126,6 +126,7 @@ def tiny_preset(tmp_path, data, name, **changes):
     return str(path)
 
 
+@pytest.mark.slow
 def test_methods_missing_from_this_fmpsr_are_refused_by_name(tmp_path, data, monkeypatch):
     name = f'cmp_refuse_{uuid.uuid4().hex[:6]}'
     with pytest.raises(MethodNotAvailable, match="'NoSuchMethod'"):

@@ -79,6 +79,7 @@ def test_edsr_stream_and_pixel_shuffle_upsampler():
     assert not g.groups[group_of(g, 'conv_last', 'out')].prunable
 
 
+@pytest.mark.slow
 def test_msrresnet_x3_pixel_shuffle_ties_nine_outputs():
     opt = dict(type='MSRResNet', num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2, upscale=3)
     g = auto_grouping(build_network(dict(opt)), example())
@@ -204,7 +205,7 @@ NETWORKS = {
 }
 
 
-@pytest.mark.parametrize('key', list(NETWORKS))
+@pytest.mark.parametrize('key', [pytest.param(k, marks=pytest.mark.slow) if k == 'EDSR-8-128-x4' else k for k in NETWORKS])
 def test_finalized_compact_network_equals_the_hypernetwork(key, tmp_path):
     opt = NETWORKS[key]
     torch.manual_seed(0)

@@ -144,8 +144,8 @@ def nonzero_counts(net, masks, size=16):
 
 @pytest.mark.parametrize('network_opt, widen, metric', [
     (EDSR, 1.5, 'params'), (EDSR, 2.0, 'flops'), (dict(EDSR, num_block=3), 2.5, 'params'),
-    ({'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 64, 'num_block': 16, 'upscale': 4}, 150 / 64,
-     'params'),                                                             # Table 3 "P": 150 channels, 1500 K
+    pytest.param({'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 64, 'num_block': 16, 'upscale': 4},
+                 150 / 64, 'params', marks=pytest.mark.slow),              # Table 3 "P": 150 channels, 1500 K
 ])
 def test_widened_masked_network_matches_the_original_within_one_kernel(network_opt, widen, metric):
     original = build_network(dict(network_opt))

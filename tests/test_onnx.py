@@ -39,6 +39,7 @@ def check_graph(onnx_path):
     assert meta['scale'] == '2' and 'type' in json.loads(meta['network_g'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', sorted(ARCHS))
 def test_onnxruntime_equals_pytorch(arch, tmp_path):
     net, export = make_export(tmp_path / 'export', ARCHS[arch])

@@ -45,6 +45,7 @@ def test_the_issue_asks_for_these_files():
     assert {osp.basename(p) for p in TINY} == {osp.basename(p) for p in FULL}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', FULL, ids=lambda p: osp.basename(p))
 def test_full_file_and_its_tiny_form(path):
     opt = load(path)

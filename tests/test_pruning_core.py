@@ -539,6 +539,7 @@ def pruning_case(draw):
     return num_feat, num_block, mid, esa, upscale, lr_size, seed, channel_p, weight_p
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pruning_case())
 def test_property_counts_equal_compact_network(case):

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os.path as osp
 
+import pytest
+
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
 
 
@@ -17,6 +19,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow
 def test_every_registered_arch_works_or_is_refused_or_skipped_with_a_reason(tmp_path, capsys):
     from basicsr.utils.registry import ARCH_REGISTRY
 

@@ -237,6 +237,7 @@ def test_indicator_opt_maps_onto_the_config(tmp_path, data):
         FMPModel.check_options(opt)
 
 
+@pytest.mark.slow
 def test_indicator_dynamics_benchmark_quick(tmp_path):
     """scripts/benchmark/indicator_dynamics.py --quick on LSRB-4-32: JSON + PNG, and the pulls it reports are
     lambda_W / N_W (averaged term) and lambda_W (summed L1 term) exactly."""

@@ -55,6 +55,7 @@ def make_export(folder, network_opt, seed=0):
     return export, compact, ratios
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', sorted(ARCHS))
 def test_exact_and_uniform_baselines(tmp_path, arch):
     export, compact, ratios = make_export(tmp_path, ARCHS[arch])

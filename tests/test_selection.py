@@ -44,6 +44,7 @@ def test_edsr_x2_gives_srp_table_1_counts(edsr, rule):
         assert numel(compact) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scale', [2, 3, 4])
 def test_srpn_lite_256_to_45(scale):
     opt = {'type': 'SRPNLite', 'num_feat': 256, 'num_block': 16, 'upscale': scale}

@@ -76,6 +76,7 @@ def train_opt(path, **extra):
     return opt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', sorted(glob.glob(osp.join(ROOT, 'options/srp/*.yml'))))
 def test_full_file_and_its_tiny_form(path):
     name = osp.basename(path)
