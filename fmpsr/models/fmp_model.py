@@ -22,6 +22,7 @@ The run has two stages (FMP Sec. 3.4, 4.4; DHP's search-then-finetune):
 """
 import copy
 import dataclasses
+import os
 from collections import OrderedDict
 
 import torch
@@ -36,6 +37,7 @@ from fmpsr.losses.weight_indicator_loss import WeightIndicatorLoss
 from fmpsr.pruning import FMPConfig, FMPPruner, HyperNetwork, build_grouping, finalize, trace_conv_specs
 from fmpsr.pruning.coupling import check_prunable
 from fmpsr.pruning.grouping import GROUPINGS
+from fmpsr.pruning.latency import LatencyTable, grid_step, measure_table, resolve_device
 
 from .pruning_model import ESA_ARCHS, ESA_MIN_LR_SIZE, PRUNE, PruningModel, check_patch_size  # noqa: F401
 
@@ -117,6 +119,12 @@ class FMPModel(PruningModel):
         # convs the hypernetwork cannot couple (computed weights, grouped convs, ops that mix channels) are
         # refused here, before any experiment folder exists (fmpsr.pruning.coupling.check_prunable)
         check_prunable(opt['network_g'], config.macs_input_size, config.tie_outputs, config.exclude, config.grouping)
+        if config.metric == 'latency':  # a missing table or device is named before any experiment folder exists
+            table = config.latency['table']
+            if table and not os.path.isfile(table):
+                raise FileNotFoundError(f'pruning.latency.table: no such file {table!r}')
+            if config.latency['device'] != 'auto':
+                resolve_device(config.latency['device'])
         if config.weight_indicators and config.indicator_optim is not None:  # bad arguments named now, not later
             build_indicator_optimizer(config.indicator_optim, [torch.zeros(1, requires_grad=True)])
         return cls.indicator_loss_config(opt, config)
@@ -176,11 +184,55 @@ class FMPModel(PruningModel):
             hyper.load_state_dict(checkpoint['params'], strict=True)
         indicator_opt = (self.opt.get('train') or {}).get('indicator_opt')
         loss = build_indicator_loss(indicator_opt) if indicator_opt is not None else None
-        self.pruner = FMPPruner(hyper, self.specs, self.config, loss)
+        self.pruner = FMPPruner(hyper, self.specs, self.config, loss, self.latency_table(plain, in_ch))
         self.net_g = self.model_to_device(hyper)
         self.print_network(self.net_g)
 
     build_hypernetwork = build_prune_network
+
+    LATENCY_FILE = 'latency_table.json'
+
+    def latency_table(self, plain, in_ch):
+        """The :class:`~fmpsr.pruning.latency.LatencyTable` of ``pruning.metric: latency`` (else None).
+
+        Read from ``pruning.latency.table`` when given, else from ``<experiments_root>/latency_table.json``
+        (so a resumed run counts exactly as before), else measured on ``pruning.latency.device`` ('auto':
+        the training device) by rank 0 and written there; other ranks wait for it and read it.
+
+        Raises:
+            FileNotFoundError: ``pruning.latency.table`` does not exist.
+            ValueError: the table does not hold this network's convs (the file is named).
+        """
+        if self.config.metric != 'latency':
+            return None
+        keys, logger = self.config.latency, get_root_logger()
+        root = (self.opt.get('path') or {}).get('experiments_root')
+        cache = os.path.join(root, self.LATENCY_FILE) if root else None
+        source = keys['table'] or (cache if cache and os.path.isfile(cache) else None)
+        table = None
+        if source is None and self.opt.get('rank', 0) == 0:
+            device = str(self.device) if keys['device'] == 'auto' else resolve_device(keys['device'])
+            step = grid_step(keys, self.config.round_to)
+            logger.info(f'Measuring the latency table on {device} (grid step {step} channels, '
+                        f'{keys["repeats"]} repeats at LR {list(self.config.macs_input_size)}) ...')
+            table = measure_table(plain, self.specs, self.config.macs_input_size, in_ch, device, keys['threads'],
+                                  step, keys['warmup'], keys['repeats'])
+            if cache:
+                table.save(cache)
+            source = cache or 'measured now'
+        if self.opt.get('dist', False):
+            torch.distributed.barrier()  # rank 0 has written the cache
+        if table is None:
+            source = source or cache
+            table = LatencyTable.load(source)
+        table.check_matches(self.specs, source)
+        if keys['table'] and cache and not os.path.isfile(cache) and self.opt.get('rank', 0) == 0:
+            table.save(cache)  # the experiment folder keeps the table it was pruned with
+        meta = table.meta
+        logger.info(f'Latency table ({source}): {meta.get("device_name")}, {meta.get("threads")} threads, conv sum '
+                    f'{meta.get("conv_sum_s", 0) * 1e3:.2f} ms of {meta.get("network_s", 0) * 1e3:.2f} ms for the dense '
+                    f'network at LR {meta.get("input_size")}')
+        return table
 
     @property
     def hypernetwork(self):

@@ -26,12 +26,19 @@ METRICS = ('params', 'flops')
 @dataclass(frozen=True)
 class ConvSpec:
     """Shape facts of one conv: channels, kernel (kh, kw), bias, and output size (H_out, W_out) in
-    pixels at the traced input size."""
+    pixels at the traced input size; ``stride``, ``padding``, ``dilation`` (pairs), ``groups`` and the
+    input size (H_in, W_in) in pixels (None when not traced) rebuild the conv for timing
+    (:mod:`fmpsr.pruning.latency`); a grouped conv holds ``in_channels / groups`` inputs per output."""
     in_channels: int
     out_channels: int
     kernel_size: tuple
     bias: bool
     out_size: tuple
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    in_size: tuple = None
 
     @property
     def kernel_area(self):
@@ -60,9 +67,11 @@ def trace_conv_specs(net, input_size, in_channels=3):
     specs, hooks = {}, []
     for name, module in meta.named_modules():
         if isinstance(module, (nn.Conv2d, HyperConv2d)):
-            def hook(mod, _inputs, output, name=name):
+            def hook(mod, inputs, output, name=name):
+                padding = mod.padding if isinstance(mod.padding, str) else tuple(mod.padding)  # or 'same' / 'valid'
                 specs[name] = ConvSpec(mod.in_channels, mod.out_channels, tuple(mod.kernel_size),
-                                       mod.bias is not None, tuple(output.shape[-2:]))
+                                       mod.bias is not None, tuple(output.shape[-2:]), tuple(mod.stride), padding,
+                                       tuple(mod.dilation), getattr(mod, 'groups', 1), tuple(inputs[0].shape[-2:]))
             hooks.append(module.register_forward_hook(hook))
     with torch.no_grad():
         dtype = next(meta.parameters()).dtype
@@ -74,17 +83,27 @@ def trace_conv_specs(net, input_size, in_channels=3):
 
 @dataclass(frozen=True)
 class Counts:
-    """Params and MACs of a network (ints)."""
+    """Params and MACs of a network (ints), and its conv latency in seconds when a
+    :class:`~fmpsr.pruning.latency.LatencyTable` was given (else None)."""
     params: int
     macs: int
+    latency: float = None
 
     def get(self, metric):
-        """The count for ``metric`` in {'params', 'flops'} ('flops' means MACs)."""
+        """The count for ``metric`` in {'params', 'flops', 'latency'} ('flops' means MACs).
+
+        Raises:
+            ValueError: 'latency' without a latency table.
+        """
+        if metric == 'latency':
+            if self.latency is None:
+                raise ValueError("pruning.metric: latency needs a latency table (none was measured or given)")
+            return self.latency
         return self.params if metric == 'params' else self.macs
 
 
-def count(specs, kept_in=None, kept_out=None, kept_weights=None):
-    """Count params and MACs of a (possibly pruned) network.
+def count(specs, kept_in=None, kept_out=None, kept_weights=None, latency=None):
+    """Count params and MACs (and latency) of a (possibly pruned) network.
 
     Args:
         specs (dict): conv name -> ConvSpec (the dense network, see :func:`trace_conv_specs`).
@@ -92,19 +111,22 @@ def count(specs, kept_in=None, kept_out=None, kept_weights=None):
         kept_weights (dict | None): conv name -> kept weights (nonzero kernel entries inside the kept
             channels); None = every weight of the kept channels.
         A conv missing from these dicts (left plain by ``pruning.exclude``) counts as dense.
+        latency (LatencyTable | None): per-conv times; the latency counts kept channels only (weight
+            zeros do not speed up a dense kernel).
 
     Returns:
-        Counts: params = sum(weights + kept biases), macs = sum(weights * H_out * W_out).
+        Counts: params = sum(weights + kept biases), macs = sum(weights * H_out * W_out), latency =
+        sum of conv times in seconds (None without a table).
     """
     params = macs = 0
     for name, s in specs.items():
         c_in = s.in_channels if kept_in is None else kept_in.get(name, s.in_channels)
         c_out = s.out_channels if kept_out is None else kept_out.get(name, s.out_channels)
         dense = kept_weights is None or name not in kept_weights
-        weights = c_in * c_out * s.kernel_area if dense else kept_weights[name]
+        weights = c_in // s.groups * c_out * s.kernel_area if dense else kept_weights[name]
         params += weights + (c_out if s.bias else 0)
         macs += weights * s.out_pixels
-    return Counts(params, macs)
+    return Counts(params, macs, None if latency is None else latency.total(specs, kept_in, kept_out))
 
 
 @dataclass(frozen=True)
@@ -129,7 +151,7 @@ class PruneRatios:
     def as_dict(self):
         """Flat dict of counts and ratios for both metrics (for logs and summary.json)."""
         out = {}
-        for metric in METRICS:
+        for metric in METRICS + (('latency',) if self.original.latency is not None else ()):
             out[f'{metric}_channel_ratio'] = self.channel_ratio(metric)
             out[f'{metric}_weight_ratio'] = self.weight_ratio(metric)
             out[f'{metric}_total_ratio'] = self.total_ratio(metric)
@@ -137,19 +159,22 @@ class PruneRatios:
             counts = getattr(self, stage)
             out[f'{stage}_params'] = counts.params
             out[f'{stage}_macs'] = counts.macs
+            if counts.latency is not None:
+                out[f'{stage}_latency_ms'] = counts.latency * 1e3
         return out
 
 
-def hypernetwork_ratios(hyper, specs):
+def hypernetwork_ratios(hyper, specs, latency=None):
     """:class:`PruneRatios` of a :class:`~fmpsr.pruning.hypernet.HyperNetwork` from its masks.
 
     Args:
         hyper (HyperNetwork): the network being pruned.
         specs (dict): conv name -> ConvSpec of the same network (dense shapes).
+        latency (LatencyTable | None): counts latency too (``pruning.metric: latency``).
     """
     kept_in, kept_out = hyper.kept_conv_channels()
-    return PruneRatios(original=count(specs), channel=count(specs, kept_in, kept_out),
-                       pruned=count(specs, kept_in, kept_out, hyper.kept_weights()))
+    return PruneRatios(original=count(specs, latency=latency), channel=count(specs, kept_in, kept_out, latency=latency),
+                       pruned=count(specs, kept_in, kept_out, hyper.kept_weights(), latency=latency))
 
 
 def mask_ratios(specs, grouping, group_masks=None, weight_masks=None):

@@ -1,7 +1,8 @@
 """Convergence criteria of FMP (FMP Sec. 4.4, supplement Sec. 2.2).
 
 Targets gamma_C and gamma_W are prune fractions of the original network, in the chosen metric
-(``params`` or ``flops`` = MACs):
+(``params``, ``flops`` = MACs, or ``latency``: the measured conv time of :mod:`fmpsr.pruning.latency`,
+where weight zeros count for nothing, so only channel targets are allowed with it):
 
 * ``channel``: converged when channel ratio >= gamma_C;
 * ``weight``: converged when weight ratio >= gamma_W;
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from .accounting import METRICS
 
 CRITERIA = ('channel', 'weight', 'total_fixed', 'total', 'keep_ratio')
+CRITERION_METRICS = METRICS + ('latency',)
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class ConvergenceCriterion:
     """A convergence rule (see the module docstring).
 
     Args:
-        metric (str): 'params' or 'flops' (MACs).
+        metric (str): 'params', 'flops' (MACs) or 'latency'.
         criterion (str): one of 'channel', 'weight', 'total_fixed', 'total', 'keep_ratio'.
         gamma_c (float): channel prune target, fraction in [0, 1).
         gamma_w (float): weight prune target, fraction in [0, 1).
@@ -43,7 +45,8 @@ class ConvergenceCriterion:
     Raises:
         ValueError: unknown metric or criterion, a target outside [0, 1), gamma_c + gamma_w >= 1,
             a zero target for the part the criterion converges on, or 'keep_ratio' without a
-            ``keep_ratio`` in (0, 1).
+            ``keep_ratio`` in (0, 1); with 'latency', criterion 'weight' or 'total_fixed', or 'total' with a
+            gamma_w above 0 (weight zeros do not make a dense kernel faster).
     """
     metric: str
     criterion: str
@@ -53,8 +56,8 @@ class ConvergenceCriterion:
     keep_tolerance: float = 0.02
 
     def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ValueError(f'pruning.metric: unknown metric {self.metric!r} (choose from {list(METRICS)})')
+        if self.metric not in CRITERION_METRICS:
+            raise ValueError(f'pruning.metric: unknown metric {self.metric!r} (choose from {list(CRITERION_METRICS)})')
         if self.criterion not in CRITERIA:
             raise ValueError(f'pruning.criterion: unknown criterion {self.criterion!r} (choose from {list(CRITERIA)})')
         for key in ('gamma_c', 'gamma_w'):
@@ -70,6 +73,11 @@ class ConvergenceCriterion:
                 raise ValueError(f'pruning.{key} is 0 but criterion {self.criterion!r} converges on it')
         if self.criterion == 'total' and self.gamma_c + self.gamma_w == 0:
             raise ValueError("pruning.gamma_c + pruning.gamma_w is 0: criterion 'total' needs a target")
+        if self.metric == 'latency' and (self.criterion in ('weight', 'total_fixed') or
+                                         (self.criterion == 'total' and self.gamma_w > 0)):
+            raise ValueError(f"pruning.metric: latency counts kept channels only (weight zeros do not make a dense "
+                             f"kernel faster), so it takes criterion 'channel', 'keep_ratio', or 'total' with "
+                             f"pruning.gamma_w: 0; got criterion {self.criterion!r}, gamma_w {self.gamma_w}")
         if self.criterion == 'keep_ratio':
             ratio = self.keep_ratio
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:

@@ -53,6 +53,7 @@ from fmpsr.losses.weight_indicator_loss import NORMS, WeightIndicatorLoss
 
 from .accounting import hypernetwork_ratios
 from .criteria import ConvergenceCriterion
+from .latency import latency_keys
 from .nm import check_nm, nm_mask
 
 WEIGHT_REGULARIZERS = NORMS  # ('l1', 'l2', 'weight_decay'), FMP Eq. 7 / Table 5
@@ -64,7 +65,8 @@ class FMPConfig:
     """Options of the ``pruning`` section of an FMP option file (keys as in the YAML).
 
     Attributes:
-        metric (str): 'params' or 'flops' (MACs). Default 'params'.
+        metric (str): 'params', 'flops' (MACs) or 'latency' (measured conv time, :mod:`fmpsr.pruning.latency`;
+            channel targets only). Default 'params'.
         criterion (str): 'channel' | 'weight' | 'total_fixed' | 'total' | 'keep_ratio' (DHP). Default 'total'.
         gamma_c (float): channel prune target (fraction). Default 0.5.
         gamma_w (float): weight prune target (fraction). Default 0.2.
@@ -110,6 +112,8 @@ class FMPConfig:
         round_to (int): kept channels of every prunable group are rounded up to a multiple of it at
             each mask update (torch-pruning's ``round_to``; see :meth:`ChannelVector.update_mask_`),
             so masks, counts and the finalized widths are multiples. Default 1 (off).
+        latency (dict | None): how ``metric: latency`` gets its table (:func:`fmpsr.pruning.latency.latency_keys`:
+            ``table``, ``device``, ``threads``, ``step``, ``warmup``, ``repeats``); only with that metric.
 
     Raises:
         ValueError: in :meth:`from_options`, an unknown key or a bad value (named in the message).
@@ -141,6 +145,7 @@ class FMPConfig:
     weight_lr_mult: float = 1.0
     nm: tuple = ()
     round_to: int = 1
+    latency: dict = None
 
     @classmethod
     def from_options(cls, options, defaults=None):
@@ -155,8 +160,9 @@ class FMPConfig:
         for key in ('macs_input_size', 'tie_outputs', 'exclude'):
             if key in options and isinstance(options[key], list):
                 options[key] = tuple(tuple(v) if isinstance(v, list) else v for v in options[key])
-        if isinstance(options.get('indicator_optim'), dict):
-            options['indicator_optim'] = dict(options['indicator_optim'])
+        for key in ('indicator_optim', 'latency'):
+            if isinstance(options.get(key), dict):
+                options[key] = dict(options[key])
         config = cls(**options)
         config.validate()
         return config
@@ -190,6 +196,11 @@ class FMPConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f'pruning.{key} must be an integer >= 1, got {value!r}')
+        if self.latency is not None and self.metric != 'latency':
+            raise ValueError(f'pruning.latency is set but pruning.metric is {self.metric!r}: set metric: latency '
+                             'or remove pruning.latency')
+        if self.metric == 'latency':
+            object.__setattr__(self, 'latency', latency_keys(self.latency))
         size = self.macs_input_size
         if len(size) != 2 or not all(isinstance(v, int) and v >= 15 for v in size):
             raise ValueError(f'pruning.macs_input_size must be [H, W] with H, W >= 15 LR pixels, got {list(size)}')
@@ -250,15 +261,17 @@ class FMPPruner:
             ``weight_reg`` and ``weight_reg_reduction``.
     """
 
-    def __init__(self, hyper, specs, config, indicator_loss=None):
-        self.hyper, self.specs, self.config = hyper, specs, config
+    def __init__(self, hyper, specs, config, indicator_loss=None, latency=None):
+        if config.metric == 'latency' and latency is None:
+            raise ValueError('pruning.metric: latency needs a latency table (FMPPruner(..., latency=LatencyTable))')
+        self.hyper, self.specs, self.config, self.latency = hyper, specs, config, latency
         self.indicator_loss = indicator_loss if indicator_loss is not None else WeightIndicatorLoss(
             loss_weight=config.lambda_w, norm=config.weight_reg, reduction=config.weight_reg_reduction)
         self.rule = config.criterion_rule()
         self.channel_frozen = False
         self.weight_frozen = not config.weight_indicators  # DHP: no weight pruning at all
         self.converged = False
-        self.ratios = hypernetwork_ratios(hyper, specs)
+        self.ratios = hypernetwork_ratios(hyper, specs, latency)
 
     # ---- regularisers (FMP Eqs. 4, 6, 7) ----
     def weight_regularization_active(self):
@@ -333,11 +346,11 @@ class FMPPruner:
         if not self.channel_frozen:
             for vector in self.hyper.prunable_vectors():
                 vector.update_mask_(self.config.prune_threshold, self.config.min_channels, self.config.round_to)
-            self.ratios = hypernetwork_ratios(self.hyper, self.specs)
+            self.ratios = hypernetwork_ratios(self.hyper, self.specs, self.latency)
         if not self.weight_frozen:
             budget = self.rule.weight_budget(self.ratios.channel_ratio(metric), self.ratios.weight_ratio(metric))
             self._update_weight_masks(budget * self.ratios.original.get(metric))
-            self.ratios = hypernetwork_ratios(self.hyper, self.specs)
+            self.ratios = hypernetwork_ratios(self.hyper, self.specs, self.latency)
         status = self.rule.status(self.ratios.channel_ratio(metric), self.ratios.weight_ratio(metric),
                                   self.weight_granularity())
         self.channel_frozen |= status.channel_done
@@ -352,6 +365,8 @@ class FMPPruner:
         if not self.config.weight_indicators:
             return 0.0
         metric = self.config.metric
+        if metric == 'latency':  # weight zeros cost no time: the weight ratio stays 0
+            return 0.0
         cost = 1 if metric == 'params' else max(spec.out_pixels for spec in self.specs.values())
         return cost / self.ratios.original.get(metric)
 
@@ -375,7 +390,7 @@ class FMPPruner:
             idx = candidate.nonzero().flatten()
             if idx.numel() == 0:
                 continue
-            cost = 1 if self.config.metric == 'params' else spec.out_pixels
+            cost = {'params': 1, 'flops': spec.out_pixels}.get(self.config.metric, 0)  # latency: free
             mags.append(magnitude[idx])
             costs.append(torch.full((idx.numel(),), float(cost), dtype=torch.float64, device=idx.device))
             owners.append((conv, idx))
@@ -421,4 +436,4 @@ class FMPPruner:
         self.channel_frozen = bool(state['channel_frozen'])
         self.weight_frozen = bool(state['weight_frozen'])
         self.converged = bool(state['converged'])
-        self.ratios = hypernetwork_ratios(self.hyper, self.specs)
+        self.ratios = hypernetwork_ratios(self.hyper, self.specs, self.latency)
