@@ -860,3 +860,20 @@ def test_load_compact_missing_raises(tmp_path):
         load_compact(str(empty))
     with pytest.raises(FileNotFoundError, match='missing.safetensors'):
         load_compact(str(tmp_path / 'missing.safetensors'))
+
+
+def test_trace_records_grouped_and_strided_convs_and_counts_them_by_numel():
+    """A grouped conv (left plain by ``exclude``) counts in_channels / groups inputs per output; the traced
+    spec keeps stride, padding, dilation and the input size (the latency table rebuilds convs from them)."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=4),
+                        nn.Conv2d(8, 4, 1, bias=False))
+    specs = trace_conv_specs(net, (16, 16))
+    grouped = specs['1']
+    assert (grouped.groups, grouped.stride, grouped.padding, grouped.dilation) == (4, (2, 2), (2, 2), (2, 2))
+    assert grouped.in_size == (16, 16) and grouped.out_size == (8, 8) and specs['2'].in_size == (8, 8)
+    from fmpsr.pruning import count
+    counts = count(specs)
+    assert counts.params == sum(p.numel() for p in net.parameters())
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, 16, 16))
+    assert counts.macs == counter.get_total_flops() // 2
