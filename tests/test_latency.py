@@ -96,22 +96,32 @@ def test_pruner_latency_ratio_equals_a_recount_from_the_compact_network():
     assert pruner.ratios.as_dict()['latency_total_ratio'] == pytest.approx(kept / dense, rel=1e-9)
     with pytest.raises(ValueError, match='needs a latency table'):
         FMPPruner(hyper, specs, config)
-    # a fixed remainder (the dense network's time outside its convs) is in every count, pruned or not
+    # one point: the dense network's time outside its convs is added to every count, pruned or not
     table.meta.update(conv_sum_s=dense, network_s=3 * dense)
     pruner = FMPPruner(hyper, specs, config, latency=table)
     assert pruner.ratios.total_ratio('latency') == pytest.approx((kept + 2 * dense) / (3 * dense), rel=1e-9)
+    # two points: time = a * conv sum + b through (dense, 3 dense) and (dense / 2, 2 dense): a = 2, b = dense
+    table.meta.update(narrow_conv_sum_s=dense / 2, narrow_network_s=2 * dense)
+    assert table.line == pytest.approx((2.0, dense), rel=1e-9)
+    pruner = FMPPruner(hyper, specs, config, latency=table)
+    assert pruner.ratios.total_ratio('latency') == pytest.approx((2 * kept + dense) / (3 * dense), rel=1e-9)
 
 
 def test_measured_table_round_trips_and_refuses_another_network(tmp_path):
     plain = build_network(dict(LSRB))
     specs = trace_conv_specs(plain, SIZE)
-    table = measure_table(plain, specs, SIZE, threads=1, step=6, warmup=1, repeats=2)
+    narrow = build_network(dict(LSRB, num_feat=6))
+    table = measure_table(plain, specs, SIZE, threads=1, step=6, warmup=1, repeats=2, narrow=narrow)
     assert set(table.convs) == set(specs)
     head = table.convs['conv_first'] if 'conv_first' in table.convs else next(iter(table.convs.values()))
     assert head['grid_in'] == width_grid(head['spec']['in_channels'], 6)
     assert all(t > 0 for entry in table.convs.values() for row in entry['seconds'] for t in row)
     assert table.meta['conv_sum_s'] == pytest.approx(table.conv_total(specs)) and table.meta['network_s'] > 0
-    assert table.total(specs) == pytest.approx(max(table.meta['network_s'], table.meta['conv_sum_s']))
+    assert table.total(specs) == pytest.approx(table.meta['network_s'], rel=1e-9)      # the line's first point
+    assert table.meta['narrow_widths']['conv_first'] == [3, 6] and table.meta['narrow_network_s'] > 0
+    scale, offset = table.line
+    assert scale * table.meta['narrow_conv_sum_s'] + offset == pytest.approx(table.meta['narrow_network_s'], rel=1e-9) \
+        or scale == 1.0                                                                  # (a noisy non-positive slope)
     path = tmp_path / 'table.json'
     table.save(str(path))
     again = LatencyTable.load(str(path))
@@ -151,6 +161,8 @@ def test_model_measures_once_and_reads_its_cache_back(tmp_path, data):
     saved = json.loads(cache.read_text())
     assert saved['meta']['step'] == 6 and saved['meta']['threads'] == 1
     assert model.pruner.latency is not None and model.pruner.ratios.channel_ratio('latency') == 0
+    widths = saved['meta']['narrow_widths']           # every prunable group at half width (12 -> 6, ESA 6 -> 6)
+    assert widths['conv_first'] == [3, 6] and widths['body.0.esa.conv1'][0] == 6
     with open(cache, 'w') as f:     # a resumed run reads the file: make it recognisable
         saved['meta']['device_name'] = 'from the cache'
         json.dump(saved, f)

@@ -34,7 +34,7 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from fmpsr.losses.weight_indicator_loss import WeightIndicatorLoss
-from fmpsr.pruning import FMPConfig, FMPPruner, HyperNetwork, build_grouping, finalize, trace_conv_specs
+from fmpsr.pruning import FMPConfig, FMPPruner, HyperNetwork, build_grouping, finalize, finalize_plain, trace_conv_specs
 from fmpsr.pruning.coupling import check_prunable
 from fmpsr.pruning.grouping import GROUPINGS
 from fmpsr.pruning.latency import LatencyTable, grid_step, measure_table, resolve_device
@@ -44,6 +44,18 @@ from .pruning_model import ESA_ARCHS, ESA_MIN_LR_SIZE, PRUNE, PruningModel, chec
 
 # the older keys of the pruning section and the WeightIndicatorLoss argument each stands for
 LEGACY_LOSS_KEYS = {'lambda_w': 'loss_weight', 'weight_reg': 'norm', 'weight_reg_reduction': 'reduction'}
+
+
+def half_width_network(plain, grouping, step, network_opt):
+    """``plain`` with every prunable channel group of ``grouping`` keeping its first ceil(C / 2) channels
+    (rounded up to a multiple of ``step``, at most C): a compact plain network (see ``latency_table``)."""
+    masks = {}
+    for name, group in grouping.groups.items():
+        if group.prunable:
+            half = -(-group.size // 2)
+            keep = min(group.size, -(-half // step) * step)
+            masks[name] = torch.arange(group.size) < keep
+    return finalize_plain(plain, grouping, masks, build_network, dict(network_opt))[0]
 
 
 def build_indicator_loss(indicator_opt):
@@ -176,6 +188,7 @@ class FMPModel(PruningModel):
         example = torch.zeros(1, in_ch, *self.config.macs_input_size)  # zeros: draws nothing from the RNG
         grouping = build_grouping(plain, network_opt, self.config.grouping, example, self.config.tie_outputs,
                                   exclude=self.config.exclude)
+        latency = self.latency_table(plain, in_ch, grouping)  # before HyperNetwork converts plain's convs in place
         hyper = HyperNetwork(plain, grouping, self.config.embed_dim)
         if not self.config.weight_indicators:  # DHP: Z_W fixed at one
             for bank in hyper.banks:
@@ -184,7 +197,7 @@ class FMPModel(PruningModel):
             hyper.load_state_dict(checkpoint['params'], strict=True)
         indicator_opt = (self.opt.get('train') or {}).get('indicator_opt')
         loss = build_indicator_loss(indicator_opt) if indicator_opt is not None else None
-        self.pruner = FMPPruner(hyper, self.specs, self.config, loss, self.latency_table(plain, in_ch))
+        self.pruner = FMPPruner(hyper, self.specs, self.config, loss, latency)
         self.net_g = self.model_to_device(hyper)
         self.print_network(self.net_g)
 
@@ -192,12 +205,15 @@ class FMPModel(PruningModel):
 
     LATENCY_FILE = 'latency_table.json'
 
-    def latency_table(self, plain, in_ch):
+    def latency_table(self, plain, in_ch, grouping):
         """The :class:`~fmpsr.pruning.latency.LatencyTable` of ``pruning.metric: latency`` (else None).
 
         Read from ``pruning.latency.table`` when given, else from ``<experiments_root>/latency_table.json``
         (so a resumed run counts exactly as before), else measured on ``pruning.latency.device`` ('auto':
-        the training device) by rank 0 and written there; other ranks wait for it and read it.
+        the training device) by rank 0 and written there; other ranks wait for it and read it. The second
+        point of the table's time line (:attr:`~fmpsr.pruning.latency.LatencyTable.line`) is ``plain`` with
+        every prunable group of ``grouping`` cut to half its width (rounded up to the grid step), sliced by
+        :func:`~fmpsr.pruning.finalize.finalize_plain`.
 
         Raises:
             FileNotFoundError: ``pruning.latency.table`` does not exist.
@@ -216,7 +232,8 @@ class FMPModel(PruningModel):
             logger.info(f'Measuring the latency table on {device} (grid step {step} channels, '
                         f'{keys["repeats"]} repeats at LR {list(self.config.macs_input_size)}) ...')
             table = measure_table(plain, self.specs, self.config.macs_input_size, in_ch, device, keys['threads'],
-                                  step, keys['warmup'], keys['repeats'])
+                                  step, keys['warmup'], keys['repeats'], narrow=half_width_network(plain, grouping, step,
+                                                                                                   self.opt['network_g']))
             if cache:
                 table.save(cache)
             source = cache or 'measured now'
@@ -229,9 +246,12 @@ class FMPModel(PruningModel):
         if keys['table'] and cache and not os.path.isfile(cache) and self.opt.get('rank', 0) == 0:
             table.save(cache)  # the experiment folder keeps the table it was pruned with
         meta = table.meta
-        logger.info(f'Latency table ({source}): {meta.get("device_name")}, {meta.get("threads")} threads, conv sum '
-                    f'{meta.get("conv_sum_s", 0) * 1e3:.2f} ms of {meta.get("network_s", 0) * 1e3:.2f} ms for the dense '
-                    f'network at LR {meta.get("input_size")}')
+        scale, offset = table.line
+        logger.info(f'Latency table ({source}): {meta.get("device_name")}, {meta.get("threads")} threads, LR '
+                    f'{meta.get("input_size")}: dense network {meta.get("network_s", 0) * 1e3:.2f} ms (conv sum '
+                    f'{meta.get("conv_sum_s", 0) * 1e3:.2f} ms), half-width network '
+                    f'{(meta.get("narrow_network_s") or 0) * 1e3:.2f} ms; time = {scale:.3f} x conv sum + '
+                    f'{offset * 1e3:.2f} ms')
         return table
 
     @property

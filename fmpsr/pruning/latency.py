@@ -11,13 +11,15 @@ measured once on the target device:
   whose width is below ``step`` or a grouped conv);
 * a conv's time at other widths is interpolated bilinearly on that grid (exact at grid points: with
   ``pruning.round_to`` equal to ``step`` every kept width is a grid point);
-* a network's latency (``Counts.latency``, seconds) is the sum over its convs plus a fixed remainder:
-  the whole dense network's measured time ``network_s`` minus its conv sum ``conv_sum_s``. The remainder
-  holds the ops between convs (activations, adds, ESA's pooling and upsampling, PixelShuffle) and the
-  per-op overhead of eager mode, which barely shrink with the widths: on the 2-core reference CPU at a
-  64 x 64 LR input the convs of LSRB-4-32 are only about half of its time, and halving every width saved
-  28 % of the measured time where the conv sum alone predicted 53 %. So a latency target below the
-  remainder's share cannot be reached by pruning channels (the run ends at ``max_prune_iter``).
+* a network's latency (``Counts.latency``, seconds) is ``scale * (sum of its conv times) + offset``, a line
+  through two whole-network measurements timed side by side: the dense network, and a narrow one (every
+  prunable channel group at about half its width, built by the caller, e.g. with
+  :func:`~fmpsr.pruning.finalize.finalize_plain`). Convs timed alone do not add up to the network's time:
+  on the 2-core reference CPU at a 64 x 64 LR input the convs of LSRB-4-32 timed alone summed to 12.5 ms
+  against 39.2 ms for the network (cache and layout effects inside the network, and the ops between convs:
+  activations, adds, ESA's pooling and upsampling, PixelShuffle). The line is exact at the two measured
+  networks and follows the table's shape (fast and slow widths) in between. Without a narrow network
+  (``narrow=None``) the scale is 1 and the offset the dense network's time outside its convs.
 
 Weight zeros do not change a dense kernel's time, so with this metric the weight ratio is 0 and only
 channel pruning moves the kept fraction (:class:`fmpsr.pruning.criteria.ConvergenceCriterion` refuses
@@ -76,9 +78,9 @@ class LatencyTable:
         convs (dict): conv name -> dict with ``grid_in``, ``grid_out`` (lists of widths) and ``seconds``
             (list of rows: ``seconds[i][j]`` is the median time at ``grid_in[i]`` inputs and ``grid_out[j]``
             outputs) and ``spec`` (the dense shape it was measured for).
-        meta (dict): how it was measured: device, threads, input_size, step, torch version, ``network_s``
-            (the whole dense network's time), ``conv_sum_s`` (its convs' times; the difference is the
-            :attr:`remainder` every latency includes).
+        meta (dict): how it was measured: device, threads, input_size, step, torch version; ``network_s`` and
+            ``conv_sum_s`` (the dense network's measured time and its conv sum) and, when a narrow network
+            was timed, ``narrow_network_s`` and ``narrow_conv_sum_s``: the two points of :attr:`line`.
     """
 
     def __init__(self, convs, meta):
@@ -95,15 +97,24 @@ class LatencyTable:
         return ((1 - a) * ((1 - b) * t[i0][j0] + b * t[i0][j1]) + a * ((1 - b) * t[i1][j0] + b * t[i1][j1]))
 
     @property
-    def remainder(self):
-        """Seconds of the dense network outside its convs (``network_s - conv_sum_s``, at least 0; 0 when
-        the table does not record them)."""
-        return max(self.meta.get('network_s', 0.0) - self.meta.get('conv_sum_s', 0.0), 0.0)
+    def line(self):
+        """(scale, offset): network time = scale * conv sum + offset (seconds), through (``conv_sum_s``,
+        ``network_s``) and (``narrow_conv_sum_s``, ``narrow_network_s``); with one point, scale 1 and the
+        offset ``network_s - conv_sum_s`` (at least 0); (1, 0) when the table records neither."""
+        m = self.meta
+        if 'network_s' not in m or 'conv_sum_s' not in m:
+            return 1.0, 0.0
+        if m.get('narrow_network_s') is not None and m['conv_sum_s'] > m.get('narrow_conv_sum_s', m['conv_sum_s']):
+            scale = (m['network_s'] - m['narrow_network_s']) / (m['conv_sum_s'] - m['narrow_conv_sum_s'])
+            if scale > 0:
+                return scale, m['network_s'] - scale * m['conv_sum_s']
+        return 1.0, max(m['network_s'] - m['conv_sum_s'], 0.0)
 
     def total(self, specs, kept_in=None, kept_out=None):
-        """Latency in seconds with the given kept channels (None or a missing conv: dense): the conv times
-        plus :attr:`remainder`."""
-        return self.conv_total(specs, kept_in, kept_out) + self.remainder
+        """Latency in seconds with the given kept channels (None or a missing conv: dense): the conv sum
+        mapped by :attr:`line`."""
+        scale, offset = self.line
+        return scale * self.conv_total(specs, kept_in, kept_out) + offset
 
     def conv_total(self, specs, kept_in=None, kept_out=None):
         """Sum of conv times (seconds) with the given kept channels (None or a missing conv: dense)."""
@@ -165,11 +176,14 @@ def resolve_device(device):
 
 
 @torch.no_grad()
-def measure_table(net, specs, input_size, in_channels=3, device='cpu', threads=None, step=4, warmup=3, repeats=15):
+def measure_table(net, specs, input_size, in_channels=3, device='cpu', threads=None, step=4, warmup=3, repeats=15,
+                  narrow=None):
     """Time every conv of ``net`` at a grid of kept widths (see the module docstring).
 
     Args:
         net (nn.Module): the dense plain network (used only for its whole-network time).
+        narrow (nn.Module | None): a narrower plain network with the same conv names (the second point of
+            :attr:`LatencyTable.line`), timed side by side with ``net``; None: one point only.
         specs (dict): conv name -> ConvSpec traced at ``input_size`` (:func:`~fmpsr.pruning.accounting.trace_conv_specs`).
         input_size (tuple[int, int]): LR (H, W) in pixels (``macs_input_size``).
         device (str): 'cpu' or 'cuda[:i]' (already resolved, see :func:`resolve_device`).
@@ -198,9 +212,11 @@ def measure_table(net, specs, input_size, in_channels=3, device='cpu', threads=N
             if key not in measured:
                 measured[key] = _measure_shape(spec, device, step, warmup, repeats)
             convs[name] = dict(measured[key], spec=_spec_record(spec))
-        net = copy.deepcopy(net).to(device).eval()
+        nets = {'dense': copy.deepcopy(net).to(device).eval()}
+        if narrow is not None:
+            nets['narrow'] = copy.deepcopy(narrow).to(device).eval()
         x = torch.rand(1, in_channels, *input_size, device=device, dtype=next(net.parameters()).dtype)
-        network = statistics.median(time_interleaved({'net': lambda: net(x)}, device, warmup, repeats)['net'])
+        times = time_interleaved({k: (lambda n=n: n(x)) for k, n in nets.items()}, device, warmup, 3 * repeats)
     finally:
         torch.set_num_threads(old_threads)
     meta = {'device': device, 'device_name': _device_name(device), 'threads': torch.get_num_threads() if threads is None
@@ -208,7 +224,16 @@ def measure_table(net, specs, input_size, in_channels=3, device='cpu', threads=N
             'torch': torch.__version__}
     table = LatencyTable(convs, meta)
     table.meta['conv_sum_s'] = table.conv_total(specs)
-    table.meta['network_s'] = network
+    table.meta['network_s'] = statistics.median(times['dense'])
+    if narrow is not None:
+        from .accounting import trace_conv_specs
+        small = trace_conv_specs(narrow, input_size, in_channels)
+        if set(small) != set(specs):
+            raise ValueError('measure_table: the narrow network has other convs than the dense one')
+        table.meta['narrow_conv_sum_s'] = table.conv_total(specs, {n: v.in_channels for n, v in small.items()},
+                                                           {n: v.out_channels for n, v in small.items()})
+        table.meta['narrow_network_s'] = statistics.median(times['narrow'])
+        table.meta['narrow_widths'] = {n: [v.in_channels, v.out_channels] for n, v in small.items()}
     return table
 
 

@@ -7,8 +7,8 @@ when training and deployment share a machine.
 
 The table holds, for every conv of ``network_g`` at ``pruning.macs_input_size``, the median time at a
 grid of kept widths (see :mod:`fmpsr.pruning.latency`). The script also prints, as ONE JSON line on
-stdout, how the table was measured, the dense network's measured time and the sum of its conv times
-(the rest is the fixed remainder every latency in the table includes) and, with ``--check W1,W2,...``, the measured time of
+stdout, how the table was measured, the dense and half-width networks' measured times and conv sums (the
+two points of the table's time line, see :mod:`fmpsr.pruning.latency`) and, with ``--check W1,W2,...``, the measured time of
 uniform-width variants of the network against the time the table predicts for them (``network_g`` must
 have ``num_feat``), to show how far the table's kept fraction is from the measured one.
 
@@ -35,7 +35,8 @@ import yaml  # noqa: E402
 import fmpsr  # noqa: E402,F401  (registers the archs)
 from basicsr.archs import build_network  # noqa: E402
 from fmpsr.deploy.profiling import time_interleaved  # noqa: E402
-from fmpsr.pruning import trace_conv_specs  # noqa: E402
+from fmpsr.models.fmp_model import half_width_network  # noqa: E402
+from fmpsr.pruning import build_grouping, trace_conv_specs  # noqa: E402
 from fmpsr.pruning.latency import measure_table, resolve_device  # noqa: E402
 
 
@@ -68,10 +69,16 @@ def main(argv=None):
     in_ch = network_opt.get('num_in_ch', 3)
     net = build_network(copy.deepcopy(network_opt))
     specs = trace_conv_specs(net, size, in_ch)
-    table = measure_table(net, specs, size, in_ch, device, args.threads, step, args.warmup, args.repeats)
+    grouping = build_grouping(net, network_opt, pruning.get('grouping'), torch.zeros(1, in_ch, *size),
+                              tuple(tuple(t) if isinstance(t, list) else t for t in pruning.get('tie_outputs', ())),
+                              exclude=tuple(pruning.get('exclude', ())))
+    narrow = half_width_network(net, grouping, step, network_opt)
+    table = measure_table(net, specs, size, in_ch, device, args.threads, step, args.warmup, args.repeats, narrow=narrow)
     table.save(args.output)
+    scale, offset = table.line
     result = {'output': args.output, 'option_file': args.opt, 'network_g': network_opt, **table.meta,
-              'conv_share': table.meta['conv_sum_s'] / table.meta['network_s']}
+              'line': {'scale': scale, 'offset_s': offset}}
+    result.pop('narrow_widths', None)
     if args.check:
         result['check'] = check_uniform(network_opt, specs, table, size, in_ch, device, args)
     print(json.dumps(result))
@@ -81,7 +88,7 @@ def main(argv=None):
 def check_uniform(network_opt, specs, table, size, in_ch, device, args):
     """Measured vs predicted time of uniform-width variants (``num_feat`` = W, every other width as built).
 
-    The prediction is the table's kept fraction (conv times plus the fixed remainder, over the dense total).
+    The prediction is the table's kept fraction (:meth:`LatencyTable.total` over the dense total).
     """
     if 'num_feat' not in network_opt:
         raise ValueError('--check needs network_g.num_feat (a uniform-width arch)')
