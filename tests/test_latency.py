@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import SCALE, write_options
+from conftest import SCALE, build_model_in, write_options
 
 import fmpsr  # noqa: F401
 from basicsr.archs import build_network
@@ -117,11 +117,13 @@ def test_measured_table_round_trips_and_refuses_another_network(tmp_path):
     assert head['grid_in'] == width_grid(head['spec']['in_channels'], 6)
     assert all(t > 0 for entry in table.convs.values() for row in entry['seconds'] for t in row)
     assert table.meta['conv_sum_s'] == pytest.approx(table.conv_total(specs)) and table.meta['network_s'] > 0
-    assert table.total(specs) == pytest.approx(table.meta['network_s'], rel=1e-9)      # the line's first point
     assert table.meta['narrow_widths']['conv_first'] == [3, 6] and table.meta['narrow_network_s'] > 0
-    scale, offset = table.line
-    assert scale * table.meta['narrow_conv_sum_s'] + offset == pytest.approx(table.meta['narrow_network_s'], rel=1e-9) \
-        or scale == 1.0                                                                  # (a noisy non-positive slope)
+    m, (scale, offset) = table.meta, table.line
+    if m['narrow_network_s'] < m['network_s']:       # the line goes through both measured networks
+        assert table.total(specs) == pytest.approx(m['network_s'], rel=1e-9)
+        assert scale * m['narrow_conv_sum_s'] + offset == pytest.approx(m['narrow_network_s'], rel=1e-9)
+    else:                                            # timing noise on a loaded machine: one point, slope 1
+        assert (scale, offset) == (1.0, max(m['network_s'] - m['conv_sum_s'], 0.0))
     path = tmp_path / 'table.json'
     table.save(str(path))
     again = LatencyTable.load(str(path))
@@ -136,18 +138,7 @@ def test_measured_table_round_trips_and_refuses_another_network(tmp_path):
 
 
 def build_model(tmp_path, data, **extra):
-    from basicsr.models import build_model as build
-    path = tmp_path / 'opt.yml'
-    write_options(path, 'pytest_latency', data, extra=extra)
-    with open(path) as f:
-        opt = yaml.safe_load(f)
-    exp = tmp_path / 'exp'
-    opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=0, root_path=str(tmp_path), auto_resume=False)
-    opt['path'].update(experiments_root=str(exp), models=str(exp / 'models'), training_states=str(exp / 'states'),
-                       log=str(exp), visualization=str(exp / 'vis'))
-    exp.mkdir(exist_ok=True)
-    torch.manual_seed(0)
-    return build(opt)
+    return build_model_in(tmp_path, data, 'pytest_latency', **extra)
 
 
 LATENCY_OPTIONS = {'pruning.metric': 'latency', 'pruning.gamma_w': 0.0,

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import SCALE, write_options
+from conftest import SCALE, build_model_in, write_options
 
 import fmpsr  # noqa: F401
 from basicsr.archs import build_network
@@ -146,17 +146,7 @@ def test_pruner_proximal_form_shrinks_by_lr_lambda_and_back_propagates_nothing()
 # ---- the model: a separate optimiser for Z_W (FMP Sec. 3.4), saved and resumed
 
 def build_model(tmp_path, data, **extra):
-    from basicsr.models import build_model as build
-    path = tmp_path / 'opt.yml'
-    write_options(path, 'pytest_regularizers', data, extra=extra)
-    with open(path) as f:
-        opt = yaml.safe_load(f)
-    exp = tmp_path / 'exp'
-    opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=0, root_path=str(tmp_path), auto_resume=False)
-    opt['path'].update(experiments_root=str(exp), models=str(exp / 'models'), training_states=str(exp / 'states'),
-                       log=str(exp), visualization=str(exp / 'vis'))
-    torch.manual_seed(0)
-    return build(opt)
+    return build_model_in(tmp_path, data, 'pytest_regularizers', **extra)
 
 
 SGD = {'pruning.indicator_optim': {'type': 'SGD', 'lr': 0.05, 'momentum': 0.9}, 'pruning.weight_lr_mult': 1.0}
