@@ -106,8 +106,6 @@ def write_options(path, name, data, model_type='FMPModel', total_iter=40, extra=
     return opt
 
 
-
-
 def build_model_in(tmp_path, data, name, **extra):
     """An FMP model built in-process from ``write_options(..., extra=extra)`` with its experiment folder
     at ``tmp_path / 'exp'`` (made), as ``basicsr.train`` would build it; seeded with 0."""
