@@ -563,7 +563,7 @@ def parsed(tmp_path, data, **extra):
 
 @pytest.mark.parametrize('extra, message', [
     ({'pruning.gama_c': 0.3}, "unknown key(s) ['gama_c']"),
-    ({'pruning.metric': 'latency'}, "unknown metric 'latency'"),
+    ({'pruning.metric': 'energy'}, "unknown metric 'energy'"),
     ({'pruning.criterion': 'totall'}, "unknown criterion 'totall'"),
     ({'pruning.weight_reg': 'l0'}, "unknown regulariser 'l0'"),
     ({'pruning.gamma_c': 1.2}, 'pruning.gamma_c must be a fraction in [0, 1)'),
