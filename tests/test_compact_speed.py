@@ -103,3 +103,22 @@ def test_favoured_multiple_on_the_issue_measurements(script):
     assert favoured == 16 and by_multiple[16]['ratio'] > 1.2
     flat = [{'num_feat': c, 'gmacs_per_s': 10.0 + 0.1 * c} for c in (16, 20, 24, 28, 32)]  # no multiple stands out
     assert script.favoured_multiple(flat)[1] == 1
+
+
+@pytest.mark.slow
+def test_speed_table_rows_match_their_json(tmp_path, capsys):
+    """scripts/benchmark/speed_table.py: one Markdown row per export whose numbers are those of the
+    compact_speed JSON it wrote (eager ms, speed-up, MACs, params)."""
+    spec = importlib.util.spec_from_file_location('speed_table', osp.join(ROOT, 'scripts', 'benchmark', 'speed_table.py'))
+    table_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table_script)
+    _, export = make_export(tmp_path / 'run' / 'export', LSRB_COMPACT, zero_fraction=0.4, dense_opt=LSRB_DENSE)
+    out = tmp_path / 'runs.jsonl'
+    table = table_script.main([export, '--json', str(out), '--', '--quick', '--no-onnx', '--no-memory'])
+    assert capsys.readouterr().out.strip() == table          # only the table on stdout
+    rows = [line for line in table.splitlines() if line.startswith('| run ')]
+    result = json.loads(out.read_text().splitlines()[0])
+    compact, dense = result['networks']['compact'], result['networks']['dense']
+    assert len(rows) == 1 and f"| run | {compact['eager_ms']['median']:.1f} / {dense['eager_ms']['median']:.1f} " \
+        f"({result['ratios']['eager_speedup']:.2f}x) | - |" in rows[0]
+    assert f"{compact['params'] / 1e3:.1f} K ({compact['params_nonzero'] / 1e3:.1f} K nonzero)" in rows[0]
