@@ -774,3 +774,37 @@ def test_slurm_launcher_initialises_without_cuda(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'backend gloo rank 0 world 1' in result.stdout
+
+
+def test_total_fixed_converges_when_channels_prune_after_the_weights_froze():
+    """total_fixed, weights first: the weight part reaches gamma_w and freezes; channels pruned later take
+    pruned weights with them, so the weight ratio (FMP Sec. 4.4) falls below gamma_w and can never come back
+    (frozen masks). The run converges when the channel part reaches its target, instead of running to
+    max_prune_iter."""
+    from basicsr.archs import build_network
+
+    from fmpsr.pruning import FMPConfig, FMPPruner, HyperNetwork, build_grouping, trace_conv_specs
+    opt = {'type': 'LSRB', 'num_feat': 16, 'num_block': 2, 'esa_channels': 8, 'upscale': 2}
+    torch.manual_seed(0)
+    net = build_network(dict(opt))
+    hyper = HyperNetwork(net, build_grouping(net, opt), embed_dim=4)
+    specs = trace_conv_specs(build_network(dict(opt)), (16, 16))
+    config = FMPConfig.from_options({'criterion': 'total_fixed', 'gamma_c': 0.3, 'gamma_w': 0.1, 'min_channels': 2,
+                                     'macs_input_size': [16, 16]})
+    pruner = FMPPruner(hyper, specs, config)
+    vectors = hyper.prunable_vectors()
+    with torch.no_grad():
+        for v in hyper.channel_vectors.values():
+            v.z.fill_(1.0)
+        for _, conv in hyper.hyper_convs():    # every weight of the first half of each group's channels
+            conv.weight_indicator.fill_(1.0)
+            conv.weight_indicator[:conv.out_channels // 2] = 1e-4
+    status = pruner.check()
+    assert status.weight_done and not status.channel_done and pruner.weight_frozen and not pruner.converged
+    with torch.no_grad():                        # now the channels holding those pruned weights go
+        for v in vectors:
+            v.z[:v.size // 2] = 0.0
+    status = pruner.check()
+    assert pruner.ratios.channel_ratio('params') >= 0.3
+    assert pruner.ratios.weight_ratio('params') < 0.1          # fell back below gamma_w ...
+    assert status.converged and pruner.converged              # ... and the run still ends here

@@ -52,7 +52,7 @@ import torch
 from fmpsr.losses.weight_indicator_loss import NORMS, WeightIndicatorLoss
 
 from .accounting import hypernetwork_ratios
-from .criteria import ConvergenceCriterion
+from .criteria import ConvergenceCriterion, CriterionStatus
 from .latency import latency_keys
 from .nm import check_nm, nm_mask
 
@@ -355,6 +355,11 @@ class FMPPruner:
                                   self.weight_granularity())
         self.channel_frozen |= status.channel_done
         self.weight_frozen |= status.weight_done
+        if self.rule.criterion == 'total_fixed' and self.channel_frozen and self.weight_frozen and not status.converged:
+            # each part met its target at some check and froze: converged. (Channels pruned after the weight
+            # part froze take its pruned weights with them, so the weight ratio of FMP Sec. 4.4 can fall back
+            # below gamma_w while the frozen weight masks can no longer make it up.)
+            status = CriterionStatus(True, True, True)
         self.converged |= status.converged
         return status
 
