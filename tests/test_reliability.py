@@ -776,11 +776,11 @@ def test_slurm_launcher_initialises_without_cuda(tmp_path):
     assert 'backend gloo rank 0 world 1' in result.stdout
 
 
-def test_total_fixed_converges_when_channels_prune_after_the_weights_froze():
+def test_total_fixed_weight_part_resumes_when_channel_pruning_lowers_its_ratio():
     """total_fixed, weights first: the weight part reaches gamma_w and freezes; channels pruned later take
-    pruned weights with them, so the weight ratio (FMP Sec. 4.4) falls below gamma_w and can never come back
-    (frozen masks). The run converges when the channel part reaches its target, instead of running to
-    max_prune_iter."""
+    pruned weights with them, so the weight ratio (FMP Sec. 4.4) falls below gamma_w. The weight part then
+    goes on again (instead of the run never converging, or converging short of gamma_w) and the run
+    converges once both targets hold."""
     from basicsr.archs import build_network
 
     from fmpsr.pruning import FMPConfig, FMPPruner, HyperNetwork, build_grouping, trace_conv_specs
@@ -805,6 +805,12 @@ def test_total_fixed_converges_when_channels_prune_after_the_weights_froze():
         for v in vectors:
             v.z[:v.size // 2] = 0.0
     status = pruner.check()
-    assert pruner.ratios.channel_ratio('params') >= 0.3
+    assert pruner.ratios.channel_ratio('params') >= 0.3 and pruner.channel_frozen
     assert pruner.ratios.weight_ratio('params') < 0.1          # fell back below gamma_w ...
-    assert status.converged and pruner.converged              # ... and the run still ends here
+    assert not status.converged and not pruner.weight_frozen   # ... so the weight part goes on
+    assert float(pruner.regularization().detach()) > 0
+    with torch.no_grad():                        # more indicators reach the threshold
+        for _, conv in hyper.hyper_convs():
+            conv.weight_indicator.fill_(1e-4)
+    status = pruner.check()
+    assert status.converged and pruner.converged and pruner.ratios.weight_ratio('params') >= 0.1 - pruner.weight_granularity()

@@ -52,7 +52,7 @@ import torch
 from fmpsr.losses.weight_indicator_loss import NORMS, WeightIndicatorLoss
 
 from .accounting import hypernetwork_ratios
-from .criteria import ConvergenceCriterion, CriterionStatus
+from .criteria import ConvergenceCriterion
 from .latency import latency_keys
 from .nm import check_nm, nm_mask
 
@@ -354,12 +354,13 @@ class FMPPruner:
         status = self.rule.status(self.ratios.channel_ratio(metric), self.ratios.weight_ratio(metric),
                                   self.weight_granularity())
         self.channel_frozen |= status.channel_done
-        self.weight_frozen |= status.weight_done
-        if self.rule.criterion == 'total_fixed' and self.channel_frozen and self.weight_frozen and not status.converged:
-            # each part met its target at some check and froze: converged. (Channels pruned after the weight
-            # part froze take its pruned weights with them, so the weight ratio of FMP Sec. 4.4 can fall back
-            # below gamma_w while the frozen weight masks can no longer make it up.)
-            status = CriterionStatus(True, True, True)
+        if self.config.weight_indicators and self.rule.criterion == 'total_fixed':
+            # Channels pruned after the weight part froze take pruned weights with them, so the weight ratio
+            # of FMP Sec. 4.4 can fall back below gamma_w: the weight part then goes on again (its masks stay
+            # monotone) until it is back at its target.
+            self.weight_frozen = status.weight_done
+        else:
+            self.weight_frozen |= status.weight_done
         self.converged |= status.converged
         return status
 
