@@ -7,7 +7,8 @@ where weight zeros count for nothing, so only channel targets are allowed with i
 * ``channel``: converged when channel ratio >= gamma_C;
 * ``weight``: converged when weight ratio >= gamma_W;
 * ``total_fixed``: both, each on its own; the part that reaches its target is frozen while the
-  other goes on;
+  other goes on (a frozen weight part goes on again when later channel pruning, which removes pruned
+  weights with their channels, lowers its ratio below gamma_W: see ``FMPPruner.check``);
 * ``total``: converged when channel ratio + weight ratio >= gamma_C + gamma_W (the split between
   the two is left to the optimisation);
 * ``keep_ratio`` (DHP, Li et al. ECCV 2020, its ``ratio`` setting): converged when the kept fraction
