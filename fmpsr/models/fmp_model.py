@@ -34,28 +34,16 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from fmpsr.losses.weight_indicator_loss import WeightIndicatorLoss
-from fmpsr.pruning import FMPConfig, FMPPruner, HyperNetwork, build_grouping, finalize, finalize_plain, trace_conv_specs
+from fmpsr.pruning import FMPConfig, FMPPruner, HyperNetwork, build_grouping, finalize, trace_conv_specs
 from fmpsr.pruning.coupling import check_prunable
 from fmpsr.pruning.grouping import GROUPINGS
-from fmpsr.pruning.latency import LatencyTable, grid_step, measure_table, resolve_device
+from fmpsr.pruning.latency import LatencyTable, grid_step, half_width_network, measure_table, resolve_device
 
 from .pruning_model import ESA_ARCHS, ESA_MIN_LR_SIZE, PRUNE, PruningModel, check_patch_size  # noqa: F401
 
 
 # the older keys of the pruning section and the WeightIndicatorLoss argument each stands for
 LEGACY_LOSS_KEYS = {'lambda_w': 'loss_weight', 'weight_reg': 'norm', 'weight_reg_reduction': 'reduction'}
-
-
-def half_width_network(plain, grouping, step, network_opt):
-    """``plain`` with every prunable channel group of ``grouping`` keeping its first ceil(C / 2) channels
-    (rounded up to a multiple of ``step``, at most C): a compact plain network (see ``latency_table``)."""
-    masks = {}
-    for name, group in grouping.groups.items():
-        if group.prunable:
-            half = -(-group.size // 2)
-            keep = min(group.size, -(-half // step) * step)
-            masks[name] = torch.arange(group.size) < keep
-    return finalize_plain(plain, grouping, masks, build_network, dict(network_opt))[0]
 
 
 def build_indicator_loss(indicator_opt):
@@ -231,9 +219,9 @@ class FMPModel(PruningModel):
             step = grid_step(keys, self.config.round_to)
             logger.info(f'Measuring the latency table on {device} (grid step {step} channels, '
                         f'{keys["repeats"]} repeats at LR {list(self.config.macs_input_size)}) ...')
+            narrow = half_width_network(plain, grouping, step, build_network, self.opt['network_g'])
             table = measure_table(plain, self.specs, self.config.macs_input_size, in_ch, device, keys['threads'],
-                                  step, keys['warmup'], keys['repeats'], narrow=half_width_network(plain, grouping, step,
-                                                                                                   self.opt['network_g']))
+                                  step, keys['warmup'], keys['repeats'], narrow=narrow)
             if cache:
                 table.save(cache)
             source = cache or 'measured now'

@@ -237,6 +237,32 @@ def measure_table(net, specs, input_size, in_channels=3, device='cpu', threads=N
     return table
 
 
+def half_width_network(plain, grouping, step, build_network, network_opt):
+    """The second network of :attr:`LatencyTable.line`: ``plain`` with every prunable channel group of
+    ``grouping`` keeping its first ceil(C / 2) channels, rounded up to a multiple of ``step`` (at most C).
+
+    Args:
+        plain (nn.Module): the dense plain network (``nn.Conv2d`` layers, not yet a hypernetwork).
+        grouping (ChannelGrouping): its channel groups.
+        step (int): the table's grid step in channels.
+        build_network (callable), network_opt (dict): see :func:`fmpsr.pruning.finalize.finalize_plain`.
+
+    Returns:
+        nn.Module: the compact plain network (same conv names, half widths).
+
+    Raises:
+        RuntimeError, ValueError: see :func:`fmpsr.pruning.finalize.slice_network`.
+    """
+    from .finalize import finalize_plain
+
+    masks = {}
+    for name, group in grouping.groups.items():
+        if group.prunable:
+            half = -(-group.size // 2)
+            masks[name] = torch.arange(group.size) < min(group.size, -(-half // step) * step)
+    return finalize_plain(plain, grouping, masks, build_network, dict(network_opt))[0]
+
+
 def _measure_shape(spec, device, step, warmup, repeats):
     """Median time (s) of one conv shape at every (c_in, c_out) of its grid."""
     from fmpsr.deploy.profiling import time_interleaved
@@ -300,4 +326,4 @@ def grid_step(latency, round_to):
     return latency['step'] or (round_to if round_to > 1 else 4)
 
 
-__all__ = ['LatencyTable', 'grid_step', 'latency_keys', 'measure_table', 'resolve_device', 'width_grid']
+__all__ = ['LatencyTable', 'grid_step', 'half_width_network', 'latency_keys', 'measure_table', 'resolve_device', 'width_grid']

@@ -35,9 +35,8 @@ import yaml  # noqa: E402
 import fmpsr  # noqa: E402,F401  (registers the archs)
 from basicsr.archs import build_network  # noqa: E402
 from fmpsr.deploy.profiling import time_interleaved  # noqa: E402
-from fmpsr.models.fmp_model import half_width_network  # noqa: E402
 from fmpsr.pruning import build_grouping, trace_conv_specs  # noqa: E402
-from fmpsr.pruning.latency import measure_table, resolve_device  # noqa: E402
+from fmpsr.pruning.latency import half_width_network, measure_table, resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -72,7 +71,7 @@ def main(argv=None):
     grouping = build_grouping(net, network_opt, pruning.get('grouping'), torch.zeros(1, in_ch, *size),
                               tuple(tuple(t) if isinstance(t, list) else t for t in pruning.get('tie_outputs', ())),
                               exclude=tuple(pruning.get('exclude', ())))
-    narrow = half_width_network(net, grouping, step, network_opt)
+    narrow = half_width_network(net, grouping, step, build_network, network_opt)
     table = measure_table(net, specs, size, in_ch, device, args.threads, step, args.warmup, args.repeats, narrow=narrow)
     table.save(args.output)
     scale, offset = table.line
