@@ -5,8 +5,8 @@ of ``p.numel()``, MACs with forward hooks on ``nn.Conv2d`` and with ``FlopCounte
 MAC); pruned counts from the weights that are exactly zero. Nothing here uses
 ``fmpsr.pruning.accounting.count`` to compute an expected value.
 """
+import copy
 import os
-
 import tempfile
 
 import pytest
@@ -204,6 +204,66 @@ def test_hypernetwork_dhp_init():
     assert conv.w1.abs().max() <= 3 ** 0.5 and conv.w1.abs().max() > 0.9 * 3 ** 0.5
     bound = (3 / (m * c_in * k)) ** 0.5
     assert conv.w2.abs().max() <= bound and conv.w2.abs().max() > 0.9 * bound
+
+
+def to_old_layout(state):
+    """A HyperNetwork state dict (or Adam moments keyed alike) in the pair-first bank layout that
+    checkpoints had before issue 11: w1 / b1 (n, c_out, c_in, m), w2 (n, c_out, c_in, k, m),
+    b2 (n, c_out, c_in, k). Written from the layouts' definitions, not from HyperBank.OLD_LAYOUT."""
+    back = {'w1': (0, 2, 3, 1), 'b1': (0, 2, 3, 1), 'w2': (0, 3, 4, 2, 1), 'b2': (0, 2, 3, 1)}
+    return {k: v.permute(*back[k.rsplit('.', 1)[-1]]).contiguous() if k.rsplit('.', 1)[-1] in back else v
+            for k, v in state.items()}
+
+
+def test_checkpoint_in_the_old_bank_layout_loads_to_the_same_function():
+    source = make_hyper(TINY, seed=0)
+    random_prune(source, seed=1)
+    old = to_old_layout(source.state_dict())
+    assert old['banks.0.w2'].shape[-1] == 8 and old['banks.0.w2'].shape != source.banks[0].w2.shape
+    target = make_hyper(TINY, seed=5)
+    target.load_state_dict(old, strict=True)
+    x = torch.rand(1, 3, 20, 20)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+    with pytest.raises(RuntimeError, match='w2'):
+        bad = dict(old)
+        bad['banks.0.w2'] = bad['banks.0.w2'].flatten(-2)
+        make_hyper(TINY, seed=5).load_state_dict(bad, strict=True)
+
+
+def test_adam_state_in_the_old_bank_layout_resumes_exactly():
+    """Two Adam steps, a save in the old layout, a load + convert_optimizer_state, a third step: the
+    same parameters as three uninterrupted steps."""
+    x = torch.rand(2, 3, 20, 20)
+    y = torch.rand(2, 3, 20 * TINY["upscale"], 20 * TINY["upscale"])
+
+    def step(hyper, optimizer):
+        optimizer.zero_grad()
+        F.l1_loss(hyper(x), y).backward()
+        optimizer.step()
+
+    run = make_hyper(TINY, seed=0)
+    opt = torch.optim.Adam(run.parameters(), lr=1e-2)
+    for _ in range(2):
+        step(run, opt)
+    saved_params = to_old_layout({k: v.clone() for k, v in run.state_dict().items()})
+    names = {id(p): n for n, p in run.named_parameters()}
+    saved_opt = copy.deepcopy(opt.state_dict())
+    order = [names[id(p)] for g in opt.param_groups for p in g['params']]
+    for index, name in enumerate(order):
+        saved_opt['state'][index] = {key: to_old_layout({name: v})[name] if v.dim() else v
+                                     for key, v in saved_opt['state'][index].items()}
+    step(run, opt)
+
+    resumed = make_hyper(TINY, seed=3)
+    resumed.load_state_dict(saved_params, strict=True)
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    opt2.load_state_dict(saved_opt)
+    assert opt2.state[resumed.banks[0].w2]['exp_avg'].shape != resumed.banks[0].w2.shape
+    resumed.convert_optimizer_state(opt2)
+    step(resumed, opt2)
+    for (name, a), b in zip(run.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 # ---------------------------------------------------------------- grouping
@@ -674,6 +734,65 @@ def _pruned_fraction(hyper, specs, metric):
         n = int((~conv.weight_mask).sum())
         pruned += n if metric == 'params' else n * out['out_pixels'][name]
     return pruned / total
+
+
+def _wave_pruner(round_to, max_overshoot, gamma_c=0.1):
+    """FIN with half of every prunable group's |z| below the threshold (distinct values): a wave that
+    carries the channel ratio far past ``gamma_c``."""
+    hyper = make_hyper(FIN, seed=0, randomize=False)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for v in hyper.prunable_vectors():
+            v.z.fill_(1.0)
+            low = torch.randperm(v.size, generator=g)[:v.size // 2]
+            v.z[low] = torch.rand(low.numel(), generator=g) * 1e-3 + 1e-5
+    specs = trace_conv_specs(build_network(dict(FIN)), (32, 32))
+    config = FMPConfig.from_options(dict(criterion='channel', gamma_c=gamma_c, gamma_w=0.0, round_to=round_to,
+                                         max_overshoot=max_overshoot, weight_indicators=False))
+    return hyper, FMPPruner(hyper, specs, config)
+
+
+@pytest.mark.parametrize('round_to,bound', [(1, 0.01), (4, 0.03)])
+def test_max_overshoot_stops_a_channel_wave_at_the_target(round_to, bound):
+    dense = num_params(build_network(dict(FIN)))
+    hyper, pruner = _wave_pruner(round_to, None)
+    pruner.check()
+    wave = 1 - num_params(finalize(hyper, build_network)[0]) / dense
+    assert wave > 0.3  # without a bound the whole wave goes
+
+    hyper, pruner = _wave_pruner(round_to, bound)
+    low = {name: (v.z.detach().abs() < 5e-3) for name, v in hyper.channel_vectors.items() if v.prunable}
+    z = {name: v.z.detach().abs().clone() for name, v in hyper.channel_vectors.items()}
+    status = pruner.check()
+    ratio = 1 - num_params(finalize(hyper, build_network)[0]) / dense   # counted on the compact network
+    assert 0.1 <= ratio <= 0.1 + bound
+    assert pruner.ratios.channel_ratio('params') == pytest.approx(ratio)
+    assert status.converged and pruner.deferred_channels > 0
+    for name, candidates in low.items():
+        mask = hyper.channel_vectors[name].mask
+        pruned = ~mask
+        assert not (pruned & ~candidates).any(), name          # only channels below the threshold
+        assert int(mask.sum()) % round_to == 0, name            # widths stay multiples of round_to
+        if pruned.any() and (candidates & mask).any():          # within a group: smallest |z| first
+            assert z[name][pruned].max() <= z[name][candidates & mask].min(), name
+        assert (hyper.channel_vectors[name].z[pruned] == 0).all()
+
+
+def test_max_overshoot_skips_a_step_that_passes_the_bound():
+    """A step too large for the bound is left for later (deferred), not taken."""
+    hyper, pruner = _wave_pruner(8, 0.0, gamma_c=0.01)
+    pruner.check()
+    dense = num_params(build_network(dict(FIN)))
+    ratio = 1 - num_params(finalize(hyper, build_network)[0]) / dense
+    # every step of 8 channels (half of a 16-wide group) costs more than 1 %: none fits [1 %, 1 %]
+    assert ratio == 0 and pruner.deferred_channels > 0 and not pruner.converged
+
+
+def test_max_overshoot_option_errors():
+    with pytest.raises(ValueError, match='pruning.max_overshoot'):
+        FMPConfig.from_options(dict(max_overshoot=1.5))
+    with pytest.raises(ValueError, match='pruning.max_overshoot'):
+        FMPConfig.from_options(dict(criterion='weight', gamma_c=0.0, gamma_w=0.1, max_overshoot=0.02))
 
 
 def test_weight_budget_all_indicators_below_threshold():

@@ -374,10 +374,13 @@ class FMPModel(PruningModel):
         metric = self.config.metric
         widths = ', '.join(f'{g}={k}/{self.hypernetwork.channel_vectors[g].size}' for g, k in kept.items()
                            if self.hypernetwork.channel_vectors[g].prunable)
+        deferred = self.pruner.deferred_channels
+        deferred = f'; {deferred} channels below the threshold deferred (max_overshoot)' if deferred else ''
         get_root_logger().info(
             f'[prune iter {current_iter}] {metric}: channel ratio {ratios.channel_ratio(metric):.4f}, '
             f'weight ratio {ratios.weight_ratio(metric):.4f}, kept {ratios.total_ratio(metric):.4f} '
-            f'(frozen: channel={self.pruner.channel_frozen}, weight={self.pruner.weight_frozen}); widths: {widths}')
+            f'(frozen: channel={self.pruner.channel_frozen}, weight={self.pruner.weight_frozen}){deferred}; '
+            f'widths: {widths}')
         writer = self.tensorboard()
         if writer is not None:
             for key, value in ratios.as_dict().items():
@@ -388,10 +391,21 @@ class FMPModel(PruningModel):
     # ---- checkpoints ----
     def prune_checkpoint(self):
         """The hypernetwork state (vectors, indicators, masks, hypernetwork tensors)."""
-        return {'params': {k: v.cpu() for k, v in self.hypernetwork.state_dict().items()}}
+        state = self.hypernetwork.state_dict()
+        params = OrderedDict((k, v.cpu()) for k, v in state.items())
+        params._metadata = state._metadata  # module versions (HyperBank's layout version) travel along
+        return {'params': params}
 
     def prune_state(self):
         return self.pruner.state_dict()
 
     def load_prune_state(self, state):
         self.pruner.load_state_dict(state)
+
+    def resume_training(self, resume_state):
+        """BasicSR's resume, then the Adam moments of a state saved before the bank layout of issue 11
+        are permuted to the stored layout (see ``HyperBank.from_old_layout``)."""
+        super().resume_training(resume_state)
+        if self.stage == PRUNE:
+            for optimizer in self.optimizers:
+                self.hypernetwork.convert_optimizer_state(optimizer)

@@ -112,6 +112,20 @@ class ConvergenceCriterion:
             return CriterionStatus(kept <= self.keep_ratio + self.keep_tolerance, False, False)
         return CriterionStatus(channel_ratio + weight_ratio >= self.gamma_c + self.gamma_w - weight_slack, False, False)
 
+    def channel_target(self, weight_ratio):
+        """The channel ratio at which the rule is met given ``weight_ratio`` (fractions of the original),
+        or None where channel pruning alone does not meet it (criterion 'weight').
+
+        Used by a budgeted channel-mask update (``pruning.max_overshoot``) to stop at the target.
+        """
+        if self.criterion == 'weight':
+            return None
+        if self.criterion == 'total':
+            return self.gamma_c + self.gamma_w - weight_ratio
+        if self.criterion == 'keep_ratio':
+            return 1.0 - self.keep_ratio - self.keep_tolerance - weight_ratio
+        return self.gamma_c
+
     def weight_budget(self, channel_ratio, weight_ratio):
         """How much more weight pruning the rule allows, as a fraction of the original (may be inf).
 

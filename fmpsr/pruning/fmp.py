@@ -112,6 +112,13 @@ class FMPConfig:
         round_to (int): kept channels of every prunable group are rounded up to a multiple of it at
             each mask update (torch-pruning's ``round_to``; see :meth:`ChannelVector.update_mask_`),
             so masks, counts and the finalized widths are multiples. Default 1 (off).
+        max_overshoot (float | None): None (default): a check prunes every channel below the threshold
+            at once (DHP), so a wave of channels, or one coarse ``round_to`` step of a wide group, can
+            carry the channel ratio well past the target. A fraction (of the original, in the metric,
+            e.g. 0.02): a check whose whole wave would pass ``target + max_overshoot`` prunes it step by
+            step instead, smallest |z| first, skipping any step that would pass that bound and
+            stopping at the target (see :meth:`FMPPruner._update_channel_masks`). Skipped channels are
+            tried again at later checks; if no step ever fits, the stage ends at ``max_prune_iter``.
         latency (dict | None): how ``metric: latency`` gets its table (:func:`fmpsr.pruning.latency.latency_keys`:
             ``table``, ``device``, ``threads``, ``step``, ``warmup``, ``repeats``); only with that metric.
 
@@ -145,6 +152,7 @@ class FMPConfig:
     weight_lr_mult: float = 1.0
     nm: tuple = ()
     round_to: int = 1
+    max_overshoot: float = None
     latency: dict = None
 
     @classmethod
@@ -196,6 +204,13 @@ class FMPConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f'pruning.{key} must be an integer >= 1, got {value!r}')
+        overshoot = self.max_overshoot
+        if overshoot is not None and (isinstance(overshoot, bool) or not isinstance(overshoot, (int, float))
+                                      or not 0 <= overshoot < 1):
+            raise ValueError(f'pruning.max_overshoot must be null or a fraction in [0, 1), got {overshoot!r}')
+        if overshoot is not None and self.criterion == 'weight':
+            raise ValueError("pruning.max_overshoot bounds channel pruning at the channel target, but criterion "
+                             "'weight' has none; remove max_overshoot or choose another criterion")
         if self.latency is not None and self.metric != 'latency':
             raise ValueError(f'pruning.latency is set but pruning.metric is {self.metric!r}: set metric: latency '
                              'or remove pruning.latency')
@@ -271,6 +286,7 @@ class FMPPruner:
         self.channel_frozen = False
         self.weight_frozen = not config.weight_indicators  # DHP: no weight pruning at all
         self.converged = False
+        self.deferred_channels = 0  # channels below the threshold that the last check left (max_overshoot)
         self.ratios = hypernetwork_ratios(hyper, specs, latency)
 
     # ---- regularisers (FMP Eqs. 4, 6, 7) ----
@@ -344,9 +360,7 @@ class FMPPruner:
         """
         metric = self.config.metric
         if not self.channel_frozen:
-            for vector in self.hyper.prunable_vectors():
-                vector.update_mask_(self.config.prune_threshold, self.config.min_channels, self.config.round_to)
-            self.ratios = hypernetwork_ratios(self.hyper, self.specs, self.latency)
+            self._update_channel_masks()
         if not self.weight_frozen:
             budget = self.rule.weight_budget(self.ratios.channel_ratio(metric), self.ratios.weight_ratio(metric))
             self._update_weight_masks(budget * self.ratios.original.get(metric))
@@ -363,6 +377,57 @@ class FMPPruner:
             self.weight_frozen |= status.weight_done
         self.converged |= status.converged
         return status
+
+    def _count(self):
+        self.ratios = hypernetwork_ratios(self.hyper, self.specs, self.latency)
+        return self.ratios.channel_ratio(self.config.metric)
+
+    @torch.no_grad()
+    def _update_channel_masks(self):
+        """Mask every channel with |z| below ``prune_threshold`` (:meth:`ChannelVector.update_mask_`), then
+        recount. With ``max_overshoot`` set, a wave that would carry the channel ratio past the rule's
+        target (:meth:`ConvergenceCriterion.channel_target`) by more than ``max_overshoot`` is taken step by
+        step instead (:meth:`ChannelVector.drop_units`: one channel, or ``round_to`` channels, of one group),
+        smallest |z| first: a step that would pass ``target + max_overshoot`` is skipped (with the later
+        steps of its group), and the update stops once the target is reached. ``deferred_channels`` counts
+        the channels left below the threshold by this check."""
+        cfg, metric = self.config, self.config.metric
+        vectors = self.hyper.prunable_vectors()
+        before = [v.mask.clone() for v in vectors]
+        proposals = [v.proposed_keep(cfg.prune_threshold, cfg.min_channels, cfg.round_to) for v in vectors]
+        for vector, keep in zip(vectors, proposals):
+            vector.mask.copy_(keep)  # z is zeroed at the end, so an undone wave keeps its |z| order
+        self.deferred_channels = 0
+        target = None if cfg.max_overshoot is None else self.rule.channel_target(self.ratios.weight_ratio(metric))
+        if target is None or self._count() <= target + cfg.max_overshoot:
+            for vector in vectors:
+                vector.z.data.mul_(vector.mask)
+            return
+        for vector, mask in zip(vectors, before):  # the wave overshoots: undo it, then step by step
+            vector.mask.copy_(mask)
+        units = []
+        for number, (vector, keep) in enumerate(zip(vectors, proposals)):
+            magnitude = vector.z.detach().abs()
+            units += [(float(magnitude[idx].max()), number, order, idx)
+                      for order, idx in enumerate(vector.drop_units(keep, cfg.round_to))]
+        units.sort(key=lambda u: (u[0], u[1], u[2]))
+        blocked, ratio = set(), self._count()
+        for _, number, _, idx in units:
+            if ratio >= target:
+                break
+            if number in blocked:
+                continue
+            vectors[number].mask[idx] = False
+            new_ratio = self._count()
+            if new_ratio > target + cfg.max_overshoot:
+                vectors[number].mask[idx] = True
+                blocked.add(number)
+                continue
+            ratio = new_ratio
+        for vector, keep in zip(vectors, proposals):
+            vector.z.data.mul_(vector.mask)
+            self.deferred_channels += int((vector.mask & ~keep).sum())
+        self._count()
 
     def weight_granularity(self):
         """The cost of pruning one weight of the costliest conv, as a fraction of the original network

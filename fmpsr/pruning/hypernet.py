@@ -102,6 +102,27 @@ class HyperNetwork(nn.Module):
         for name in self.grouping.convs:
             yield name, self.net.get_submodule(name)
 
+    @torch.no_grad()
+    def convert_optimizer_state(self, optimizer):
+        """Permute ``optimizer``'s per-parameter state tensors (Adam's moments) of the banks whose
+        checkpoint was loaded in the layout before issue 11 (``HyperBank.old_layout_loaded``) to the
+        stored layout; everything else is left alone. Call after ``optimizer.load_state_dict``.
+
+        Raises:
+            ValueError: such a state tensor does not have the old layout's shape.
+        """
+        owners = {id(getattr(bank, name)): (bank, name) for bank in self.banks if bank.old_layout_loaded
+                  for name in bank.OLD_LAYOUT}
+        for group in optimizer.param_groups:
+            for param in group['params']:
+                if id(param) not in owners or param not in optimizer.state:
+                    continue
+                bank, name = owners[id(param)]
+                state = optimizer.state[param]
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        state[key] = bank.from_old_layout(name, value)
+
     def prunable_vectors(self):
         """The ChannelVectors that may be pruned (list)."""
         return [v for v in self.channel_vectors.values() if v.prunable]

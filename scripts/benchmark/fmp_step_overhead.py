@@ -18,7 +18,13 @@ of the step; its cost is measured separately (median of ``--check-reps`` calls, 
 steps) and reported as ``check_s`` and as the amortised ratio
 ``(fmp_step + check_s / check_freq) / dense_step``.
 
-Output: ONE JSON line on stdout (logs go to stderr). Target: ``ratio = fmp / dense <= 1.10``.
+Peak memory: one more dense and one more FMP training run, each measured alone (a spawned process per
+network on CPU, ``torch.cuda.max_memory_allocated`` on CUDA; :func:`step_peak_memory`), reported as
+``peak_memory_ratio`` (whole training memory: parameters, optimiser state, batch and the step's peak)
+and ``step_peak_memory_ratio`` (the step's own peak only). ``--no-memory`` skips it.
+
+Output: ONE JSON line on stdout (logs go to stderr). Targets: the paired median of ``fmp / dense``
+<= 1.05 (``pass``) and ``peak_memory_ratio`` <= 2.
 See ``scripts/benchmark/README.md`` for the keys.
 
 Examples::
@@ -32,6 +38,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -39,7 +46,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-TARGET = 1.10
+TARGET = 1.05          # paired median of fmp / dense step time (issue 11, part 4)
+MEMORY_TARGET = 2.0    # peak training memory, fmp / dense
 DEFAULTS = dict(batch=16, patch=48, num_feat=64, num_block=6, scale=4, steps=20, warmup=3)
 QUICK = dict(batch=4, patch=24, num_feat=64, num_block=6, scale=4, steps=5, warmup=1)
 ESA_MIN_LR_SIZE = 15  # ESA: stride-2 3x3 conv, then a 7x7 max-pool
@@ -69,6 +77,8 @@ def parse_args(argv=None):
     parser.add_argument('--optimizer', choices=['fused', 'foreach', 'for-loop'], default='fused',
                         help="Adam implementation for BOTH networks (default 'fused', what FMPModel uses "
                              "when optim_g does not choose)")
+    parser.add_argument('--no-memory', action='store_true',
+                        help='skip the peak-memory measurement (two spawned processes on CPU)')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
@@ -189,8 +199,12 @@ class FMPStep(Stepper):
         self.mark('channel_regularization', t)
 
 
-def build(args, device):
-    """Dense LSRB, its FMP hypernetwork and pruner, and one random batch, all on ``device``."""
+def build(args, device, which=('dense', 'fmp')):
+    """The dense LSRB and/or its FMP hypernetwork and pruner, and one random batch, all on ``device``.
+
+    Returns:
+        tuple: (dense or None, hyper or None, pruner or None, config, lq, gt).
+    """
     import fmpsr  # noqa: F401  (registers LSRB)
     from basicsr.archs import build_network
     from fmpsr.pruning import FMPConfig, FMPPruner, HyperNetwork, build_grouping, trace_conv_specs
@@ -199,14 +213,103 @@ def build(args, device):
     config = FMPConfig() if args.check_freq is None else FMPConfig(check_freq=args.check_freq)
     config.validate()
     torch.manual_seed(args.seed)
-    dense = build_network(dict(opt)).to(device)
-    plain = build_network(dict(opt))
-    specs = trace_conv_specs(plain, config.macs_input_size)   # as FMPModel.build_hypernetwork
-    hyper = HyperNetwork(plain, build_grouping(plain, opt), config.embed_dim).to(device)
-    pruner = FMPPruner(hyper, specs, config)
+    dense = build_network(dict(opt)).to(device) if 'dense' in which else None
+    hyper = pruner = None
+    if 'fmp' in which:
+        plain = build_network(dict(opt))
+        specs = trace_conv_specs(plain, config.macs_input_size)   # as FMPModel.build_hypernetwork
+        hyper = HyperNetwork(plain, build_grouping(plain, opt), config.embed_dim).to(device)
+        pruner = FMPPruner(hyper, specs, config)
     lq = torch.rand(args.batch, 3, args.patch, args.patch, device=device)
     gt = torch.rand(args.batch, 3, args.patch * args.scale, args.patch * args.scale, device=device)
     return dense, hyper, pruner, config, lq, gt
+
+
+def make_stepper(kind, args, device, phases=False):
+    """Build one network (``kind``: 'dense' or 'fmp') and its step; returns (stepper, lq, gt)."""
+    dense, hyper, pruner, _, lq, gt = build(args, device, (kind,))
+    if kind == 'dense':
+        return DenseStep(dense, args.lr, device, phases, args.optimizer), lq, gt
+    return FMPStep(hyper, pruner, args.lr, device, phases, args.optimizer), lq, gt
+
+
+def _status_kb(field):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def step_peak_memory_child(kind, arg_dict):
+    """In a fresh (spawned) process: peak resident memory of training ``kind`` ('dense' | 'fmp').
+
+    Returns a dict of bytes: ``training`` (the high-water mark during a step less the RSS before the
+    network was built: parameters, optimiser state, batch and the step's own peak) and ``step`` (the
+    high-water mark less the RSS just before the step: activations, gradients, generated weights).
+    The high-water mark is reset through ``/proc/self/clear_refs`` after two warm-up steps (so Adam's
+    moments exist), so memory freed earlier and kept by the C allocator cannot hide the growth."""
+    args = argparse.Namespace(**arg_dict)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with contextlib.redirect_stdout(sys.stderr):
+        import fmpsr.pruning  # noqa: F401  (imports first, fmpsr before basicsr: its compat shims;
+        import basicsr.archs  # noqa: F401  the imports' memory is not the network's)
+    gc.collect()
+    start = _status_kb('VmRSS')
+    with contextlib.redirect_stdout(sys.stderr):
+        stepper, lq, gt = make_stepper(kind, args, torch.device('cpu'))
+    for _ in range(2):
+        stepper.timed(lq, gt)
+    gc.collect()
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    before = _status_kb('VmRSS')
+    stepper.timed(lq, gt)
+    peak = _status_kb('VmHWM')
+    return {'training': (peak - start) * 1024, 'step': (peak - before) * 1024}
+
+
+def step_peak_memory(args, device):
+    """Peak memory of a dense and of an FMP training step: (dict kind -> dict of bytes, method).
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` over one step after two warm-up steps; ``training`` is
+      that peak less what was allocated before the network was built, ``step`` less what was allocated
+      just before the step.
+    * CPU (Linux): one spawned process per network, run one after the other
+      (:func:`step_peak_memory_child`); 'unavailable' elsewhere.
+    """
+    kinds = ('dense', 'fmp')
+    if device.type == 'cuda':
+        out = {}
+        for kind in kinds:
+            gc.collect()
+            torch.cuda.empty_cache()
+            start = torch.cuda.memory_allocated(device)
+            stepper, lq, gt = make_stepper(kind, args, device)
+            for _ in range(2):
+                stepper.timed(lq, gt)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            stepper.timed(lq, gt)
+            peak = torch.cuda.max_memory_allocated(device)
+            out[kind] = {'training': peak - start, 'step': peak - before}
+            del stepper, lq, gt
+        return out, 'cuda_max_memory_allocated'
+    if not (sys.platform.startswith('linux') and os.path.exists('/proc/self/clear_refs')):
+        return None, 'unavailable'
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = {}
+    try:
+        for kind in kinds:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
+                out[kind] = pool.submit(step_peak_memory_child, kind, vars(args)).result()
+    except (OSError, RuntimeError) as error:
+        print(f'fmp_step_overhead: peak memory not measured ({error})', file=sys.stderr)
+        return None, 'unavailable'
+    return out, 'rss_peak_delta_spawned'
 
 
 def run(args):
@@ -215,6 +318,7 @@ def run(args):
         raise SystemExit('fmp_step_overhead: --device cuda asked for but torch.cuda.is_available() is False')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    memory, memory_method = (None, 'skipped (--no-memory)') if args.no_memory else step_peak_memory(args, device)
     with contextlib.redirect_stdout(sys.stderr):   # keep stdout for the JSON line
         dense, hyper, pruner, config, lq, gt = build(args, device)
     phases = device.type == 'cpu' or args.breakdown
@@ -243,6 +347,7 @@ def run(args):
     dense_s, fmp_s = summary(dense_times), summary(fmp_times)
     check_s = statistics.median(check_times)
     ratio = fmp_s['median'] / dense_s['median']
+    paired = statistics.median(f / d for f, d in zip(fmp_times, dense_times))
     amortised = (fmp_s['median'] + check_s / config.check_freq) / dense_s['median']
     rnd = lambda v: round(v, 6)  # noqa: E731
     result = {
@@ -260,9 +365,14 @@ def run(args):
         'dense_step_s_median': rnd(dense_s['median']),
         'fmp_step_s_median': rnd(fmp_s['median']),
         'ratio': round(ratio, 4),
-        'ratio_paired_median': round(statistics.median(f / d for f, d in zip(fmp_times, dense_times)), 4),
+        'ratio_paired_median': round(paired, 4),
         'target': TARGET,
-        'pass': bool(ratio <= TARGET),
+        'pass': bool(paired <= TARGET),
+        'memory_method': memory_method,
+        'peak_memory_bytes': memory,
+        'peak_memory_ratio': None if memory is None else round(memory['fmp']['training'] / memory['dense']['training'], 4),
+        'step_peak_memory_ratio': None if memory is None else round(memory['fmp']['step'] / memory['dense']['step'], 4),
+        'memory_target': MEMORY_TARGET,
         'check_s': rnd(check_s),
         'amortised_ratio_with_check': round(amortised, 4),
         'dense_step_s': {k: rnd(v) for k, v in dense_s.items()},
