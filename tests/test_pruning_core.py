@@ -206,6 +206,27 @@ def test_hypernetwork_dhp_init():
     assert conv.w2.abs().max() <= bound and conv.w2.abs().max() > 0.9 * bound
 
 
+def test_cached_masks_follow_every_mask_change():
+    """HyperNetwork.forward caches the masks; an in-place edit of a channel or weight mask, or a new
+    mask tensor, must show in the next forward. Reference: ``hyper.net(x)``, where every HyperConv2d
+    generates its own weight from its current masks (no cache)."""
+    hyper = make_hyper(TINY, seed=0)
+    x = torch.rand(1, 3, 20, 20)
+    with torch.no_grad():
+        assert torch.allclose(hyper(x), hyper.net(x), atol=1e-6)
+        before = hyper(x)
+        hyper.channel_vectors['stream'].mask[:3] = False                  # in place (index_put_)
+        after = hyper(x)
+        assert not torch.allclose(after, before) and torch.allclose(after, hyper.net(x), atol=1e-6)
+        conv = hyper.net.body[0].conv1
+        conv.weight_mask.view(-1)[:50] = False                             # in place
+        assert torch.allclose(hyper(x), hyper.net(x), atol=1e-6)
+        conv.weight_mask = torch.ones_like(conv.weight_mask)               # a new tensor
+        assert torch.allclose(hyper(x), hyper.net(x), atol=1e-6)
+        hyper.load_state_dict(make_hyper(TINY, seed=1).state_dict())       # a load (copy_)
+        assert torch.allclose(hyper(x), hyper.net(x), atol=1e-6)
+
+
 def to_old_layout(state):
     """A HyperNetwork state dict (or Adam moments keyed alike) in the pair-first bank layout that
     checkpoints had before issue 11: w1 / b1 (n, c_out, c_in, m), w2 (n, c_out, c_in, k, m),

@@ -295,11 +295,10 @@ class FMPPruner:
         return self.config.weight_indicators and not self.weight_frozen and not self.converged
 
     def _kept_indicators(self):
-        """(indicators, keep masks): one (n, c_out, c_in, kh, kw) pair per bank of same-shape convs."""
-        banks = list(self.hyper.bank_members())
-        indicators = [bank.weight_indicator for bank, _ in banks]
-        masks = [torch.stack([c.keep_mask() for c in members]) for _, members in banks]
-        return indicators, masks
+        """(indicators, keep masks): one (n, c_out, c_in, kh, kw) pair per bank of same-shape convs; the
+        masks are 0/1 floats (:meth:`HyperNetwork.mask_tensors`)."""
+        indicators = [bank.weight_indicator for bank in self.hyper.banks]
+        return indicators, self.hyper.mask_tensors()[1]
 
     def regularization(self):
         """lambda_W * R(Z_W) over the kept weights (a differentiable scalar tensor), the term of Eq. 4

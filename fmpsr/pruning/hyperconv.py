@@ -175,6 +175,20 @@ class ChannelMap:
         return self._gather([v.mask for v, _ in self.segments])
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous. The weight is a permuted view of
+    the chain's (n, k, c_out, c_in) output; without this its gradient reaches the broadcast products of
+    the backward in the permuted strides, which makes them (and the gradients of W2 they write) slow."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 class HyperBank(nn.Module):
     """Hypernetwork tensors of ``n`` convs of one shape (c_out, c_in, kh, kw), stacked on dim 0.
 
@@ -266,7 +280,7 @@ class HyperBank(nn.Module):
         Args:
             z_out (Tensor): (n, c_out) or, with ``index``, (c_out,): masked output vectors.
             z_in (Tensor): (n, c_in) or (c_in,): masked input vectors.
-            keep (Tensor): bool, (n, c_out, c_in, kh, kw) or (c_out, c_in, kh, kw): kept weights.
+            keep (Tensor): bool or 0/1 float, (n, c_out, c_in, kh, kw) or (c_out, c_in, kh, kw): kept weights.
             index (int | None): generate only conv ``index`` of the bank.
 
         Returns:
@@ -281,6 +295,7 @@ class HyperBank(nn.Module):
         grid = torch.addcmul(self.b0[pick], z_out[:, :, None], z_in[:, None, :])       # (n, c_out, c_in)
         embed = torch.addcmul(self.b1[pick], grid[:, None], self.w1[pick])              # (n, m, c_out, c_in)
         out = (self.w2[pick] * embed[:, :, None]).sum(1) + self.b2[pick]                # (n, k, c_out, c_in)
+        out = _ContiguousGrad.apply(out)  # the permuted weight's gradient, made contiguous for the chain's backward
         weight = out.permute(0, 2, 3, 1).unflatten(-1, self.shape[2:])                  # (n, c_out, c_in, kh, kw)
         return (self.weight_indicator[pick] * keep) * weight  # contiguous operand first: a contiguous weight
 

@@ -60,6 +60,28 @@ class HyperNetwork(nn.Module):
             self._bank_members.append(members)
         self.net = net
         self._mask_channel_outputs(grouping)
+        self._build_gather_indices()
+        self._mask_cache = (None, None, None)
+
+    def _build_gather_indices(self):
+        """Per bank, where each conv's output and input channels sit in the flat vector
+        ``cat([v.z for v in channel_vectors])``: long buffers (n, c_out) and (n, c_in), not saved
+        (the structure is rebuilt from the grouping), moved with the module."""
+        offsets, start = {}, 0
+        for vector in self.channel_vectors.values():
+            offsets[id(vector)] = start
+            start += vector.size
+
+        def flat(side):
+            if isinstance(side, ChannelVector):
+                return torch.arange(side.size) + offsets[id(side)]
+            return torch.cat([offsets[id(v)] + (torch.arange(v.size) if p is None else p) for v, p in side.segments])
+
+        for number, members in enumerate(self._bank_members):
+            self.register_buffer(f'gather_out_{number}', torch.stack([flat(c.out_vector) for c in members]),
+                                 persistent=False)
+            self.register_buffer(f'gather_in_{number}', torch.stack([flat(c.in_vector) for c in members]),
+                                 persistent=False)
 
     def _mask_channel_outputs(self, grouping):
         """Per-channel modules that do not map a zero channel to zero (BatchNorm, InstanceNorm: see
@@ -76,22 +98,55 @@ class HyperNetwork(nn.Module):
         return ChannelMap([(self.channel_vectors[g], p) for g, p in self.grouping.segments(side)])
 
     def forward(self, *args, **kwargs):
-        """Generate every conv weight, one batched chain per bank (conv shape), then run the network."""
-        masked = {id(v): v.z * v.mask for v in self.channel_vectors.values()}
+        """Generate every conv weight, one batched chain per bank (conv shape), then run the network.
+
+        Per forward: one masked flat channel vector, then per bank two gathers and the chain of
+        :meth:`HyperBank.generate`; the masks themselves come from :meth:`mask_tensors` (cached)."""
+        flat_mask, keeps = self.mask_tensors()
+        z = torch.cat([v.z for v in self.channel_vectors.values()]) * flat_mask
         members_of = self._bank_members
         try:
-            for bank, members in self.bank_members():
-                z_out = torch.stack([c.out_vector.masked_z(masked) for c in members])
-                z_in = torch.stack([c.in_vector.masked_z(masked) for c in members])
-                keep = torch.stack([c.keep_mask() for c in members])
-                weights = bank.generate(z_out, z_in, keep)
-                for index, conv in enumerate(members):
-                    conv.batched_weight = weights[index]
+            for number, (bank, members) in enumerate(self.bank_members()):
+                z_out = z[getattr(self, f'gather_out_{number}')]
+                z_in = z[getattr(self, f'gather_in_{number}')]
+                weights = bank.generate(z_out, z_in, keeps[number])
+                # unbind, not weights[i]: its backward stacks the n gradients once, where n selects would
+                # each write a zero-filled (n, c_out, c_in, kh, kw) gradient and add them up
+                for conv, weight in zip(members, weights.unbind(0)):
+                    conv.batched_weight = weight
             return self.net(*args, **kwargs)
         finally:
             for members in members_of:
                 for conv in members:
                     conv.batched_weight = None
+
+    def mask_tensors(self):
+        """The masks as the weight generator uses them, recomputed only when a mask has changed.
+
+        Masks change only at a pruner check, a state-dict load or a hand edit, all in-place tensor
+        writes that bump the tensor's version counter (or replace the tensor); the cache is keyed on
+        the (id, version) of every channel-vector mask and conv weight mask, and on dtype and device.
+
+        Returns:
+            tuple: (flat channel mask, float (sum of vector sizes,), in ``channel_vectors`` order;
+            list of keep masks, float (n, c_out, c_in, kh, kw), one per bank: 1 where
+            :meth:`HyperConv2d.keep_mask` keeps the weight).
+        """
+        vectors = list(self.channel_vectors.values())
+        masks = [v.mask for v in vectors] + [c.weight_mask for members in self._bank_members for c in members]
+        dtype, device = vectors[0].z.dtype, vectors[0].z.device
+        try:
+            key = (dtype, device, tuple((id(m), m._version) for m in masks))
+        except RuntimeError:  # inference tensors have no version counter: no cache
+            key = None
+        cached_key, flat_mask, keeps = self._mask_cache[:3]
+        if key is None or key != cached_key:
+            flat_mask = torch.cat([v.mask for v in vectors]).to(dtype)
+            keeps = [torch.stack([c.keep_mask() for c in members]).to(bank.weight_indicator.dtype)
+                     for bank, members in self.bank_members()]
+            # the masks themselves are held too, so that no id in the key can be reused by a new tensor
+            self._mask_cache = (key, flat_mask, keeps, masks)
+        return flat_mask, keeps
 
     def bank_members(self):
         """Yield ``(HyperBank, [HyperConv2d, ...])``: each bank with its convs in bank order."""
