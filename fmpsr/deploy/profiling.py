@@ -114,7 +114,12 @@ def time_interleaved(fns, device, warmup, repeats):
     return times
 
 
-def _status_kb(field):
+def status_kb(field):
+    """A field of ``/proc/self/status`` in kB (Linux), e.g. 'VmRSS' (resident now) or 'VmHWM' (peak).
+
+    Raises:
+        KeyError: the field is not there. OSError: no ``/proc`` (not Linux).
+    """
     with open('/proc/self/status') as f:
         for line in f:
             if line.startswith(field + ':'):
@@ -144,9 +149,9 @@ def _cpu_peak_child(network_opt, weights, input_shape, threads):
         net(x[..., :16, :16])  # 16 >= ESA's 15 pixels
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
-        base = _status_kb('VmRSS')
+        base = status_kb('VmRSS')
         net(x)
-        return (_status_kb('VmHWM') - base) * 1024
+        return (status_kb('VmHWM') - base) * 1024
 
 
 def forward_peak_memory(networks, input_shape, device='cpu', threads=1):

@@ -401,6 +401,7 @@ class FMPPruner:
         if target is None or self._count() <= target + cfg.max_overshoot:
             for vector in vectors:
                 vector.z.data.mul_(vector.mask)
+            self._count()
             return
         for vector, mask in zip(vectors, before):  # the wave overshoots: undo it, then step by step
             vector.mask.copy_(mask)

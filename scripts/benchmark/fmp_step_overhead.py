@@ -233,14 +233,6 @@ def make_stepper(kind, args, device, phases=False):
     return FMPStep(hyper, pruner, args.lr, device, phases, args.optimizer), lq, gt
 
 
-def _status_kb(field):
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def step_peak_memory_child(kind, arg_dict):
     """In a fresh (spawned) process: peak resident memory of training ``kind`` ('dense' | 'fmp').
 
@@ -255,8 +247,9 @@ def step_peak_memory_child(kind, arg_dict):
     with contextlib.redirect_stdout(sys.stderr):
         import fmpsr.pruning  # noqa: F401  (imports first, fmpsr before basicsr: its compat shims;
         import basicsr.archs  # noqa: F401  the imports' memory is not the network's)
+        from fmpsr.deploy.profiling import status_kb
     gc.collect()
-    start = _status_kb('VmRSS')
+    start = status_kb('VmRSS')
     with contextlib.redirect_stdout(sys.stderr):
         stepper, lq, gt = make_stepper(kind, args, torch.device('cpu'))
     for _ in range(2):
@@ -264,9 +257,9 @@ def step_peak_memory_child(kind, arg_dict):
     gc.collect()
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')
-    before = _status_kb('VmRSS')
+    before = status_kb('VmRSS')
     stepper.timed(lq, gt)
-    peak = _status_kb('VmHWM')
+    peak = status_kb('VmHWM')
     return {'training': (peak - start) * 1024, 'step': (peak - before) * 1024}
 
 
