@@ -225,6 +225,11 @@ def test_cached_masks_follow_every_mask_change():
         assert torch.allclose(hyper(x), hyper.net(x), atol=1e-6)
         hyper.load_state_dict(make_hyper(TINY, seed=1).state_dict())       # a load (copy_)
         assert torch.allclose(hyper(x), hyper.net(x), atol=1e-6)
+    fresh = make_hyper(TINY, seed=2)
+    with torch.inference_mode():                                           # a first forward in inference
+        fresh(x)
+    fresh(x).sum().backward()                                              # then training still works
+    assert fresh.banks[0].w2.grad is not None
 
 
 def to_old_layout(state):

@@ -144,8 +144,10 @@ class HyperNetwork(nn.Module):
             flat_mask = torch.cat([v.mask for v in vectors]).to(dtype)
             keeps = [torch.stack([c.keep_mask() for c in members]).to(bank.weight_indicator.dtype)
                      for bank, members in self.bank_members()]
-            # the masks themselves are held too, so that no id in the key can be reused by a new tensor
-            self._mask_cache = (key, flat_mask, keeps, masks)
+            # not kept from inference mode: its tensors cannot be used by a later training step.
+            # The masks themselves are held too, so that no id in the key can be reused by a new tensor.
+            if key is not None and not torch.is_inference_mode_enabled():
+                self._mask_cache = (key, flat_mask, keeps, masks)
         return flat_mask, keeps
 
     def bank_members(self):
