@@ -814,6 +814,22 @@ def test_max_overshoot_skips_a_step_that_passes_the_bound():
     assert ratio == 0 and pruner.deferred_channels > 0 and not pruner.converged
 
 
+@pytest.mark.parametrize('criterion,kwargs,expected', [
+    ('channel', {}, 0.3),
+    ('total_fixed', {}, 0.3),
+    ('total', {}, 0.3 + 0.1 - 0.05),                                   # the weights' share counts
+    ('keep_ratio', {'keep_ratio': 0.4, 'keep_tolerance': 0.02}, 1 - 0.4 - 0.02 - 0.05),
+    ('weight', {}, None)])
+def test_channel_target_per_criterion(criterion, kwargs, expected):
+    rule = ConvergenceCriterion('params', criterion, 0.3, 0.1, **kwargs)
+    target = rule.channel_target(0.05)
+    assert target == (None if expected is None else pytest.approx(expected))
+    if expected is not None:   # at the target the channel side of the rule holds, just below it does not
+        done = (lambda st: st.channel_done) if criterion == 'total_fixed' else (lambda st: st.converged)
+        assert done(rule.status(target + 1e-9, 0.05))
+        assert not done(rule.status(target - 1e-3, 0.05))
+
+
 def test_max_overshoot_option_errors():
     with pytest.raises(ValueError, match='pruning.max_overshoot'):
         FMPConfig.from_options(dict(max_overshoot=1.5))

@@ -113,10 +113,13 @@ class ConvergenceCriterion:
         return CriterionStatus(channel_ratio + weight_ratio >= self.gamma_c + self.gamma_w - weight_slack, False, False)
 
     def channel_target(self, weight_ratio):
-        """The channel ratio at which the rule is met given ``weight_ratio`` (fractions of the original),
-        or None where channel pruning alone does not meet it (criterion 'weight').
+        """The channel ratio at which the rule is met given ``weight_ratio`` (FMP Sec. 4.4 ratios: fractions
+        of the original network in this metric, not percent), or None where channel pruning alone does not
+        meet it (criterion 'weight'). 'total': gamma_C + gamma_W - weight_ratio; 'keep_ratio':
+        1 - keep_ratio - keep_tolerance - weight_ratio; 'channel' and 'total_fixed': gamma_C.
 
-        Used by a budgeted channel-mask update (``pruning.max_overshoot``) to stop at the target.
+        Used by the budgeted channel-mask update (``pruning.max_overshoot``,
+        :meth:`fmpsr.pruning.fmp.FMPPruner._update_channel_masks`) to stop at the target.
         """
         if self.criterion == 'weight':
             return None
