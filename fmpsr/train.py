@@ -3,7 +3,11 @@
 
 Bad input (an option, data set or checkpoint) ends with one line ``fmpsr: error: <what, where, what
 would be valid>`` and exit status 2 (:func:`fmpsr.cli.run_cli`); ``--debug`` or ``FMPSR_TRACEBACK=1``
-shows the traceback."""
+shows the traceback.
+
+Before training, glibc is asked to keep freed memory in the process (:mod:`fmpsr.cpu_allocator`; CPU
+training steps otherwise page-fault their large tensors in anew every iteration). Any of
+glibc's own ``MALLOC_*_`` variables (or ``GLIBC_TUNABLES``) in the environment leaves the choice to them."""
 import os.path as osp
 import sys
 
@@ -15,10 +19,12 @@ import fmpsr  # noqa: E402,F401  (patches basicsr, registers archs / models)
 from basicsr.train import train_pipeline  # noqa: E402
 
 from fmpsr.cli import run_cli  # noqa: E402
+from fmpsr.cpu_allocator import keep_freed_memory  # noqa: E402
 from fmpsr.pipeline import close_process_group  # noqa: E402
 
 
 def main():
+    keep_freed_memory()
     train_pipeline(ROOT)
     close_process_group()
 

@@ -155,6 +155,87 @@ def test_hyperconv_weight_equals_naive_loop(name):
         assert torch.allclose(conv(x), ref, atol=1e-4)
 
 
+def naive_bank_weights(bank, z_out, z_in, keep):
+    """FMP Eqs. 1-2 for every conv of ``bank`` with Python loops over the pairs, from autograd-tracked
+    tensors (differentiable by plain autograd, none of ``_BankChain``'s code)."""
+    n, m, k, c_out, c_in = bank.w2.shape
+    kh, kw = bank.shape[2:]
+    weights = []
+    for c in range(n):
+        rows = []
+        for j in range(c_out):
+            pairs = []
+            for i in range(c_in):
+                m_ij = z_out[c, j] * z_in[c, i] + bank.b0[c, j, i]
+                e_ij = m_ij * bank.w1[c, :, j, i] + bank.b1[c, :, j, i]                 # (m,)
+                o_ij = e_ij @ bank.w2[c, :, :, j, i] + bank.b2[c, :, j, i]              # (k,)
+                pairs.append(o_ij.reshape(kh, kw) * bank.weight_indicator[c, j, i] * keep[c, j, i])
+            rows.append(torch.stack(pairs))
+        weights.append(torch.stack(rows))
+    return torch.stack(weights)
+
+
+@pytest.mark.parametrize('sliced', [True, False])
+@pytest.mark.parametrize('kernel', [(3, 3), (1, 1)])
+def test_bank_chain_gradients_equal_autograd_through_the_naive_loop(monkeypatch, sliced, kernel):
+    """The hand-written backward of the bank chain (issue 11, part 4), both contraction paths."""
+    from fmpsr.pruning import hyperconv
+    from fmpsr.pruning.hyperconv import HyperBank
+    monkeypatch.setattr(hyperconv, '_SLICED_MIN_NUMEL', 0 if sliced else 1 << 40)
+    torch.manual_seed(3)
+    n, c_out, c_in = 2, 3, 4
+    bank = HyperBank(n, c_out, c_in, kernel, embed_dim=3).double()
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.copy_(torch.randn_like(p))
+    z_out = torch.randn(n, c_out, dtype=torch.float64, requires_grad=True)
+    z_in = torch.randn(n, c_in, dtype=torch.float64, requires_grad=True)
+    keep = (torch.rand(n, c_out, c_in, *kernel) > 0.3).double()
+    upstream = torch.randn(n, c_out, c_in, *kernel, dtype=torch.float64)
+    leaves = [z_out, z_in] + list(bank.parameters())
+
+    got = bank.generate(z_out, z_in, keep)
+    got_grads = torch.autograd.grad((got * upstream).sum(), leaves)
+    expected = naive_bank_weights(bank, z_out, z_in, keep)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), leaves)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    for name, a, b in zip(['z_out', 'z_in'] + [n for n, _ in bank.named_parameters()], got_grads, expected_grads):
+        assert a.shape == b.shape, name
+        assert torch.allclose(a, b, rtol=0, atol=1e-10), name
+    # one conv of the bank (the uncached path of HyperConv2d) and torch's own numerical check
+    one = bank.generate(z_out[1], z_in[1], keep[1].bool(), index=1)
+    assert torch.allclose(one, expected[1], rtol=0, atol=1e-12)
+    chain = hyperconv._BankChain.apply
+    assert torch.autograd.gradcheck(lambda zo, zi, w2, ind: chain(zo, zi, bank.b0, bank.w1, bank.b1, w2, bank.b2, ind, keep),
+                                    (z_out, z_in, bank.w2, bank.weight_indicator))
+
+
+def test_proximal_step_of_many_vectors_equals_one_vector_at_a_time():
+    """The concatenated proximal step (FMPPruner.proximal_step) against per-vector calls: a vector that
+    shrinks, one held at min_channels, one with masked entries, one not prunable."""
+    from fmpsr.pruning.hyperconv import proximal_step_vectors_
+    specs = [([0.5, -0.3, 0.02, -0.01, 1.0], None, True),
+             ([0.5, 0.001, -0.3, 0.0], None, True),                  # two entries >= 5e-3 = min_channels
+             ([0.5, 0.7, -0.3, 0.9, 0.2, -0.6], [True, False, True, True, False, True], True),
+             ([0.5, -0.2, 0.3], None, False)]
+
+    def build():
+        vectors = [_vector(values, mask, prunable) for values, mask, prunable in specs]
+        vectors[2].z.data[[1, 4]] = 0.5   # masked entries moved by an optimiser
+        return vectors
+
+    together, alone = build(), build()
+    proximal_step_vectors_(together, 0.1, prune_threshold=5e-3, min_channels=2)
+    for v in alone:
+        v.proximal_step_(0.1, prune_threshold=5e-3, min_channels=2)
+    for a, b in zip(together, alone):
+        assert torch.equal(a.z.detach(), b.z.detach())
+    assert torch.allclose(together[0].z.detach(), torch.tensor([0.4, -0.2, 0.0, 0.0, 0.9]), atol=1e-6)
+    assert torch.equal(together[1].z.detach(), torch.tensor([0.5, 0.001, -0.3, 0.0]))     # not shrunk
+    assert torch.allclose(together[2].z.detach(), torch.tensor([0.4, 0.0, -0.2, 0.8, 0.0, -0.5]), atol=1e-6)
+    assert torch.equal(together[3].z.detach(), torch.tensor([0.5, -0.2, 0.3]))            # not prunable
+
+
 def test_hyperconv_masked_channels_give_exact_zero_weight_and_bias():
     hyper = make_hyper(TINY, seed=2)
     stream = hyper.channel_vectors['stream']

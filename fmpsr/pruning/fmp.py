@@ -53,6 +53,7 @@ from fmpsr.losses.weight_indicator_loss import NORMS, WeightIndicatorLoss
 
 from .accounting import hypernetwork_ratios
 from .criteria import ConvergenceCriterion
+from .hyperconv import proximal_step_vectors_
 from .latency import latency_keys
 from .nm import check_nm, nm_mask
 
@@ -335,7 +336,11 @@ class FMPPruner:
     @torch.no_grad()
     def channel_regularization(self):
         """lambda_C * R(z_C) = lambda_C * sum ||z||_1 over prunable vectors (FMP Eq. 6), a float for logs."""
-        return self.config.lambda_c * sum(float((v.z * v.mask).abs().sum()) for v in self.hyper.prunable_vectors())
+        vectors = self.hyper.prunable_vectors()
+        if not vectors:
+            return 0.0
+        z = torch.cat([v.z for v in vectors]) * torch.cat([v.mask for v in vectors])
+        return self.config.lambda_c * float(z.abs().sum())
 
     @torch.no_grad()
     def proximal_step(self, lr):
@@ -346,8 +351,8 @@ class FMPPruner:
         """
         if self.channel_frozen or self.converged:
             return
-        for vector in self.hyper.prunable_vectors():
-            vector.proximal_step_(lr * self.config.lambda_c, self.config.prune_threshold, self.config.min_channels)
+        proximal_step_vectors_(self.hyper.prunable_vectors(), lr * self.config.lambda_c, self.config.prune_threshold,
+                               self.config.min_channels)
 
     # ---- masks and convergence ----
     @torch.no_grad()

@@ -59,12 +59,7 @@ class ChannelVector(nn.Module):
             prune_threshold (float): |z| below which an entry counts as pruned (DHP: 5e-3).
             min_channels (int): channels a vector always keeps (DHP: 4).
         """
-        if not self.prunable:
-            return
-        z = self.z.data
-        if int((z.abs() >= prune_threshold).sum()) > min_channels:
-            z.copy_(torch.sign(z) * torch.clamp(z.abs() - threshold, min=0))
-        z.mul_(self.mask)
+        proximal_step_vectors_([self], threshold, prune_threshold, min_channels)
 
     @torch.no_grad()
     def update_mask_(self, prune_threshold=5e-3, min_channels=4, round_to=1):
@@ -138,6 +133,35 @@ class ChannelVector(nn.Module):
         return self.mask
 
 
+@torch.no_grad()
+def proximal_step_vectors_(vectors, threshold, prune_threshold=5e-3, min_channels=4):
+    """:meth:`ChannelVector.proximal_step_` on every prunable vector of ``vectors`` (FMP Eq. 10), in one
+    chain of ops over their concatenation instead of about ten ops per vector (issue 11, part 4).
+
+    Per vector: when more than ``min_channels`` entries have |z| >= ``prune_threshold``,
+    ``z <- sign(z) * max(|z| - threshold, 0)``; then ``z <- z * mask`` in every case.
+
+    Args:
+        vectors (iterable[ChannelVector]): the vectors; those not prunable are skipped.
+        threshold (float): lr * lambda_C; prune_threshold (float); min_channels (int): as in
+            :meth:`ChannelVector.proximal_step_`.
+    """
+    vectors = [v for v in vectors if v.prunable]
+    if not vectors:
+        return
+    zs = [v.z.data for v in vectors]
+    sizes = [z.numel() for z in zs]
+    z = torch.cat(zs)
+    owner = torch.repeat_interleave(torch.arange(len(zs), device=z.device),
+                                    torch.tensor(sizes, device=z.device))      # vector index of each entry
+    magnitude = z.abs()
+    active = torch.zeros(len(zs), dtype=torch.long, device=z.device).index_add_(
+        0, owner, (magnitude >= prune_threshold).long())
+    shrunk = torch.where((active > min_channels)[owner], z.sign() * (magnitude - threshold).clamp_min(0), z)
+    shrunk.mul_(torch.cat([v.mask for v in vectors]))
+    torch._foreach_copy_(zs, shrunk.split(sizes))
+
+
 class ChannelMap:
     """The channels of one conv side gathered from several channel vectors, or repeated.
 
@@ -175,18 +199,70 @@ class ChannelMap:
         return self._gather([v.mask for v, _ in self.segments])
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous. The weight is a permuted view of
-    the chain's (n, k, c_out, c_in) output; without this its gradient reaches the broadcast products of
-    the backward in the permuted strides, which makes them (and the gradients of W2 they write) slow."""
+# W2 size (elements) from which _BankChain contracts slice by slice; below it, one broadcast product
+_SLICED_MIN_NUMEL = 1 << 20
+
+
+class _BankChain(torch.autograd.Function):
+    """The weight-generation chain of one :class:`HyperBank` (FMP Eqs. 1-2) as one autograd node
+    with a hand-written backward (issue 11, part 4).
+
+    Composed from torch ops, autograd saves the (n, m, k, c_out, c_in) product ``W2 * E`` and
+    reallocates tensors of that size (the largest of the step, m = 8 times the conv weights) three
+    times per step: the product, the gradient of W2 and the product of W2 with the gradient of O.
+    Here, for banks of at least ``_SLICED_MIN_NUMEL`` W2 entries, the contractions over m (forward) and
+    over k (backward) accumulate slice by slice into tensors m or k times smaller, so a step allocates
+    one tensor of W2's size, its gradient, which the optimiser needs anyway. Smaller banks keep the
+    broadcast product, where fewer ops matter more than memory traffic. The arithmetic is the same; ``tests/test_hyperconv.py`` checks the
+    values and gradients against the composed chain.
+
+    Inputs (``n`` convs of one shape, m the embedding size, k = kh*kw):
+        z_out (n, c_out), z_in (n, c_in): masked channel vectors; b0 (n, c_out, c_in);
+        w1, b1 (n, m, c_out, c_in); w2 (n, m, k, c_out, c_in); b2 (n, k, c_out, c_in);
+        indicator (n, c_out, c_in, kh, kw): Z_W; keep: 0/1 float of the indicator's shape (no gradient).
+
+    Output: (n, c_out, c_in, kh, kw), ``indicator * keep * O`` with O as in :class:`HyperConv2d`.
+    Differentiable once (no double backward).
+    """
 
     @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
+    def forward(ctx, z_out, z_in, b0, w1, b1, w2, b2, indicator, keep):
+        n, m, k, c_out, c_in = w2.shape
+        grid = torch.addcmul(b0, z_out[:, :, None], z_in[:, None, :])              # (n, c_out, c_in)
+        embed = torch.addcmul(b1, grid[:, None], w1)                                # (n, m, c_out, c_in)
+        if w2.numel() >= _SLICED_MIN_NUMEL:
+            out = b2.clone(memory_format=torch.contiguous_format)                   # (n, k, c_out, c_in)
+            for j in range(m):
+                out.addcmul_(w2[:, j], embed[:, j, None])
+        else:  # small banks: two ops instead of m + 1 (per-op overhead dominates there)
+            out = torch.sum(w2 * embed[:, :, None], 1).add_(b2)
+        # O in the weight's layout, copied once (a view for 1x1): the products with it read contiguously
+        out = out.permute(0, 2, 3, 1).reshape(indicator.shape)                        # (n, c_out, c_in, kh, kw)
+        scale = indicator * keep
+        ctx.save_for_backward(z_out, z_in, w1, w2, grid, embed, out, keep, scale)
+        return scale * out
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_weight):
+        z_out, z_in, w1, w2, grid, embed, out, keep, scale = ctx.saved_tensors
+        n, m, k, c_out, c_in = w2.shape
+        need = ctx.needs_input_grad
+        grad_indicator = grad_weight * keep * out if need[7] else None
+        grad_out = (grad_weight * scale).view(n, c_out, c_in, k).permute(0, 3, 1, 2).contiguous()  # (n, k, c_out, c_in)
+        grad_w2 = torch.mul(embed[:, :, None], grad_out[:, None]) if need[5] else None
+        if w2.numel() >= _SLICED_MIN_NUMEL:
+            grad_embed = torch.zeros_like(embed)                                      # (n, m, c_out, c_in)
+            for j in range(k):
+                grad_embed.addcmul_(w2[:, :, j], grad_out[:, None, j])
+        else:
+            grad_embed = torch.sum(w2 * grad_out[:, None], 2)
+        grad_w1 = grad_embed * grid[:, None] if need[3] else None
+        grad_grid = (grad_embed * w1).sum(1)                                          # (n, c_out, c_in)
+        grad_z_out = torch.bmm(grad_grid, z_in[:, :, None])[..., 0] if need[0] else None
+        grad_z_in = torch.bmm(z_out[:, None, :], grad_grid)[:, 0] if need[1] else None
+        return (grad_z_out, grad_z_in, grad_grid if need[2] else None, grad_w1,
+                grad_embed if need[4] else None, grad_w2, grad_out if need[6] else None, grad_indicator, None)
 
 
 class HyperBank(nn.Module):
@@ -292,12 +368,14 @@ class HyperBank(nn.Module):
         return self._generate(z_out, z_in, keep, slice(None))
 
     def _generate(self, z_out, z_in, keep, pick):
-        grid = torch.addcmul(self.b0[pick], z_out[:, :, None], z_in[:, None, :])       # (n, c_out, c_in)
-        embed = torch.addcmul(self.b1[pick], grid[:, None], self.w1[pick])              # (n, m, c_out, c_in)
-        out = (self.w2[pick] * embed[:, :, None]).sum(1) + self.b2[pick]                # (n, k, c_out, c_in)
-        out = _ContiguousGrad.apply(out)  # the permuted weight's gradient, made contiguous for the chain's backward
-        weight = out.permute(0, 2, 3, 1).unflatten(-1, self.shape[2:])                  # (n, c_out, c_in, kh, kw)
-        return (self.weight_indicator[pick] * keep) * weight  # contiguous operand first: a contiguous weight
+        keep = keep.to(self.weight_indicator.dtype)
+        tensors = (self.b0, self.w1, self.b1, self.w2, self.b2, self.weight_indicator)
+        if pick != slice(None):
+            # the parameters themselves for the whole bank: the backward of a slice, even a full one,
+            # writes a zero-filled gradient of the bank's size and copies into it
+            tensors = [tensor[pick] for tensor in tensors]
+        b0, w1, b1, w2, b2, indicator = tensors
+        return _BankChain.apply(z_out, z_in, b0, w1, b1, w2, b2, indicator, keep)
 
 
 class HyperConv2d(nn.Module):

@@ -10,8 +10,13 @@ dense then FMP, ``--steps`` times (ABAB...), so that machine noise hits both ali
   forward through the :class:`~fmpsr.pruning.HyperNetwork` (every conv weight generated);
   L1 loss + ``pruner.regularization()``; the finiteness check; backward; Adam step over the three
   parameter groups of ``FMPModel.setup_optimizers`` (hypernetwork, channel vectors, weight
-  indicators); ``pruner.proximal_step(channel lr)``; ``pruner.channel_regularization()`` (logged
+  indicators); ``pruner.proximal_step(channel lr)`` and ``pruner.indicator_proximal_step`` (a no-op
+  with the default ``indicator_update: gradient``); ``pruner.channel_regularization()`` (logged
   every iteration).
+
+Both run after :func:`fmpsr.cpu_allocator.keep_freed_memory`, as ``fmpsr/train.py`` does
+(``--default-malloc``: glibc's defaults, under which every step page-faults its large tensors in
+anew). ``minor_page_faults_per_step_median`` shows which is in effect.
 
 ``pruner.check()`` (mask update and recount, every ``check_freq`` = 100 iterations) is not part
 of the step; its cost is measured separately (median of ``--check-reps`` calls, after the timed
@@ -77,6 +82,9 @@ def parse_args(argv=None):
     parser.add_argument('--optimizer', choices=['fused', 'foreach', 'for-loop'], default='fused',
                         help="Adam implementation for BOTH networks (default 'fused', what FMPModel uses "
                              "when optim_g does not choose)")
+    parser.add_argument('--default-malloc', action='store_true',
+                        help="leave glibc's malloc settings alone (default: fmpsr.cpu_allocator.keep_freed_memory, "
+                             'as fmpsr/train.py does)')
     parser.add_argument('--no-memory', action='store_true',
                         help='skip the peak-memory measurement (two spawned processes on CPU)')
     parser.add_argument('--seed', type=int, default=0)
@@ -117,6 +125,7 @@ class Stepper:
         self.device = device
         self.phases = phases          # record per-phase times
         self.phase_times = {}
+        self.page_faults = []
 
     def sync(self):
         if self.device.type == 'cuda':
@@ -132,11 +141,25 @@ class Stepper:
         return now
 
     def timed(self, lq, gt):
+        """Seconds of one step; its minor page faults go to ``self.page_faults`` (where ``resource`` exists)."""
         self.sync()
+        faults = _minor_faults()
         start = time.perf_counter()
         self.step(lq, gt, start)
         self.sync()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if faults is not None:
+            self.page_faults.append(_minor_faults() - faults)
+        return elapsed
+
+
+def _minor_faults():
+    """Minor page faults of this process so far (None where the ``resource`` module is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def adam_kwargs(implementation):
@@ -179,6 +202,9 @@ class FMPStep(Stepper):
     def channel_lr(self):
         return next(g['lr'] for g in self.optimizer.param_groups if g.get('name') == 'channel')
 
+    def indicator_lr(self):
+        return next(g['lr'] for g in self.optimizer.param_groups if g.get('name') == 'weight')
+
     def step(self, lq, gt, t):
         self.optimizer.zero_grad()
         out = self.hyper(lq)
@@ -194,6 +220,8 @@ class FMPStep(Stepper):
         self.optimizer.step()
         t = self.mark('optimizer', t)
         self.pruner.proximal_step(self.channel_lr())
+        if self.pruner.config.weight_indicators:
+            self.pruner.indicator_proximal_step(self.indicator_lr())
         t = self.mark('proximal_step', t)
         self.pruner.channel_regularization()
         self.mark('channel_regularization', t)
@@ -244,6 +272,7 @@ def step_peak_memory_child(kind, arg_dict):
     args = argparse.Namespace(**arg_dict)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    allocator_setup(args)
     with contextlib.redirect_stdout(sys.stderr):
         import fmpsr.pruning  # noqa: F401  (imports first, fmpsr before basicsr: its compat shims;
         import basicsr.archs  # noqa: F401  the imports' memory is not the network's)
@@ -261,6 +290,15 @@ def step_peak_memory_child(kind, arg_dict):
     stepper.timed(lq, gt)
     peak = status_kb('VmHWM')
     return {'training': (peak - start) * 1024, 'step': (peak - before) * 1024}
+
+
+def allocator_setup(args):
+    """What ``fmpsr/train.py`` does before training (:func:`fmpsr.cpu_allocator.keep_freed_memory`), for
+    both networks alike; with ``--default-malloc`` nothing. Returns the JSON's ``cpu_allocator``."""
+    if args.default_malloc:
+        return {'applied': False, 'reason': '--default-malloc'}
+    from fmpsr.cpu_allocator import keep_freed_memory
+    return keep_freed_memory()
 
 
 def step_peak_memory(args, device):
@@ -311,6 +349,7 @@ def run(args):
         raise SystemExit('fmp_step_overhead: --device cuda asked for but torch.cuda.is_available() is False')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    allocator = allocator_setup(args)
     memory, memory_method = (None, 'skipped (--no-memory)') if args.no_memory else step_peak_memory(args, device)
     with contextlib.redirect_stdout(sys.stderr):   # keep stdout for the JSON line
         dense, hyper, pruner, config, lq, gt = build(args, device)
@@ -361,6 +400,10 @@ def run(args):
         'ratio_paired_median': round(paired, 4),
         'target': TARGET,
         'pass': bool(paired <= TARGET),
+        'cpu_allocator': allocator,
+        'minor_page_faults_per_step_median': (
+            {name: statistics.median(stepper.page_faults[-args.steps:]) for name, stepper in
+             (('dense', dense_step), ('fmp', fmp_step))} if fmp_step.page_faults else None),
         'memory_method': memory_method,
         'peak_memory_bytes': memory,
         'peak_memory_ratio': None if memory is None else round(memory['fmp']['training'] / memory['dense']['training'], 4),
