@@ -313,6 +313,33 @@ def test_cached_masks_follow_every_mask_change():
     assert fresh.banks[0].w2.grad is not None
 
 
+def test_batched_forward_gives_every_conv_its_own_weight_and_masked_bias():
+    """HyperNetwork.forward generates weights and masked biases per bank; each conv must see exactly
+    what it generates alone (generate_weight / generate_bias), and a pruned output channel must be
+    exactly zero (bias included) though the function downstream does not depend on it."""
+    hyper = make_hyper(TINY, seed=5)
+    with torch.no_grad():
+        for vector in hyper.prunable_vectors():
+            vector.mask[1::3] = False
+        hyper.net.body[0].conv1.weight_mask.view(-1)[::7] = False
+    seen = {}
+    handles = [conv.register_forward_hook(lambda module, inputs, output, name=name: seen.__setitem__(name, (inputs[0], output)))
+               for name, conv in hyper.hyper_convs()]
+    with torch.no_grad():
+        hyper(torch.rand(1, 3, 20, 20))
+        for handle in handles:
+            handle.remove()
+        assert len(seen) == len(hyper.grouping.convs)
+        for name, conv in hyper.hyper_convs():
+            x, out = seen[name]
+            ref = F.conv2d(x, conv.generate_weight(), conv.generate_bias(), conv.stride, conv.padding, conv.dilation)
+            assert torch.allclose(out, ref, rtol=0, atol=1e-6), name
+            pruned = ~conv.out_vector.channel_mask()
+            if pruned.any():
+                assert conv.bias[pruned].abs().min() > 0, name   # the randomised bias would show
+                assert torch.all(out[:, pruned] == 0), name
+
+
 def to_old_layout(state):
     """A HyperNetwork state dict (or Adam moments keyed alike) in the pair-first bank layout that
     checkpoints had before issue 11: w1 / b1 (n, c_out, c_in, m), w2 (n, c_out, c_in, k, m),

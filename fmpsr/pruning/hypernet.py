@@ -100,25 +100,30 @@ class HyperNetwork(nn.Module):
     def forward(self, *args, **kwargs):
         """Generate every conv weight, one batched chain per bank (conv shape), then run the network.
 
-        Per forward: one masked flat channel vector, then per bank two gathers and the chain of
-        :meth:`HyperBank.generate`; the masks themselves come from :meth:`mask_tensors` (cached)."""
+        Per forward: one masked flat channel vector, then per bank two gathers, the chain of
+        :meth:`HyperBank.generate` and one product of the stacked conv biases with their output masks;
+        the masks themselves come from :meth:`mask_tensors` (cached)."""
         flat_mask, keeps = self.mask_tensors()
         z = torch.cat([v.z for v in self.channel_vectors.values()]) * flat_mask
         members_of = self._bank_members
         try:
             for number, (bank, members) in enumerate(self.bank_members()):
-                z_out = z[getattr(self, f'gather_out_{number}')]
-                z_in = z[getattr(self, f'gather_in_{number}')]
-                weights = bank.generate(z_out, z_in, keeps[number])
+                gather_out = getattr(self, f'gather_out_{number}')
+                weights = bank.generate(z[gather_out], z[getattr(self, f'gather_in_{number}')], keeps[number])
+                biases = [conv.bias for conv in members]
+                if all(bias is not None for bias in biases):   # = generate_bias() of each conv
+                    biases = (torch.stack(biases) * flat_mask[gather_out]).unbind(0)
+                else:
+                    biases = [conv.generate_bias() for conv in members]
                 # unbind, not weights[i]: its backward stacks the n gradients once, where n selects would
                 # each write a zero-filled (n, c_out, c_in, kh, kw) gradient and add them up
-                for conv, weight in zip(members, weights.unbind(0)):
-                    conv.batched_weight = weight
+                for conv, weight, bias in zip(members, weights.unbind(0), biases):
+                    conv.batched_weight, conv.batched_bias = weight, bias
             return self.net(*args, **kwargs)
         finally:
             for members in members_of:
                 for conv in members:
-                    conv.batched_weight = None
+                    conv.batched_weight = conv.batched_bias = None
 
     def mask_tensors(self):
         """The masks as the weight generator uses them, recomputed only when a mask has changed.
