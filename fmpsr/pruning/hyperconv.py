@@ -159,7 +159,8 @@ def proximal_step_vectors_(vectors, threshold, prune_threshold=5e-3, min_channel
         0, owner, (magnitude >= prune_threshold).long())
     shrunk = torch.where((active > min_channels)[owner], z.sign() * (magnitude - threshold).clamp_min(0), z)
     shrunk.mul_(torch.cat([v.mask for v in vectors]))
-    torch._foreach_copy_(zs, shrunk.split(sizes))
+    for z_vector, value in zip(zs, shrunk.split(sizes)):
+        z_vector.copy_(value)
 
 
 class ChannelMap:

@@ -398,6 +398,9 @@ def run(args):
         'fmp_step_s_median': rnd(fmp_s['median']),
         'ratio': round(ratio, 4),
         'ratio_paired_median': round(paired, 4),
+        # FMP's own cost per step in seconds; with a tiny batch (--batch 1 --patch 16) nearly all of it is weight
+        # generation, Adam over the hypernetwork and the proximal steps, and little is machine noise
+        'extra_s_paired_median': rnd(statistics.median(f - d for f, d in zip(fmp_times, dense_times))),
         'target': TARGET,
         'pass': bool(paired <= TARGET),
         'cpu_allocator': allocator,
