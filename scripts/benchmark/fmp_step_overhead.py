@@ -410,9 +410,9 @@ def run(args):
         'memory_method': memory_method,
         'peak_memory_bytes': memory,
         'peak_memory_ratio': None if memory is None else round(memory['fmp']['training'] / memory['dense']['training'], 4),
-        # with freed memory kept (the default), a step's memory is resident before it starts: only --default-malloc
-        # gives the step's own peak
-        'step_peak_memory_ratio': (None if memory is None or not memory['dense']['step']
+        # with freed memory kept (the default), most of a step's memory is resident before it starts: only
+        # --default-malloc gives the step's own peak
+        'step_peak_memory_ratio': (None if memory is None or allocator['applied'] or not memory['dense']['step']
                                    else round(memory['fmp']['step'] / memory['dense']['step'], 4)),
         'memory_target': MEMORY_TARGET,
         'check_s': rnd(check_s),
