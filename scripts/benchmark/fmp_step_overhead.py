@@ -18,6 +18,9 @@ Both run after :func:`fmpsr.cpu_allocator.keep_freed_memory`, as ``fmpsr/train.p
 (``--default-malloc``: glibc's defaults, under which every step page-faults its large tensors in
 anew). ``minor_page_faults_per_step_median`` shows which is in effect.
 
+``ops_per_step``: the aten ops one step of each network dispatches (counted once, after the timed
+steps). Unlike every time here it does not depend on the machine or its load.
+
 ``pruner.check()`` (mask update and recount, every ``check_freq`` = 100 iterations) is not part
 of the step; its cost is measured separately (median of ``--check-reps`` calls, after the timed
 steps) and reported as ``check_s`` and as the amortised ratio
@@ -50,6 +53,7 @@ import time
 
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TARGET = 1.05          # paired median of fmp / dense step time (issue 11, part 4)
 MEMORY_TARGET = 2.0    # peak training memory, fmp / dense
@@ -160,6 +164,27 @@ def _minor_faults():
     except ImportError:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (forward, autograd's backward and the optimiser
+    alike, views included; a fused Adam over a parameter group is one op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(stepper, lq, gt):
+    """Aten ops of one training step of ``stepper`` (int). Unlike the times, the count is the same on
+    every machine: the issue's "about 150 small ops per step remain" is this count's FMP - dense."""
+    with _OpCounter() as counter:
+        stepper.step(lq, gt, time.perf_counter())
+    return counter.count
 
 
 def adam_kwargs(implementation):
@@ -368,6 +393,7 @@ def run(args):
         dense_times.append(dense_step.timed(lq, gt))
         fmp_times.append(fmp_step.timed(lq, gt))
 
+    ops = {'dense': ops_per_step(dense_step, lq, gt), 'fmp': ops_per_step(fmp_step, lq, gt)}
     check_times = []
     for _ in range(args.check_reps):                 # after the timed steps: check() may change masks
         fmp_step.sync()
@@ -407,6 +433,7 @@ def run(args):
         'minor_page_faults_per_step_median': (
             {name: statistics.median(stepper.page_faults[-args.steps:]) for name, stepper in
              (('dense', dense_step), ('fmp', fmp_step))} if fmp_step.page_faults else None),
+        'ops_per_step': ops,
         'memory_method': memory_method,
         'peak_memory_bytes': memory,
         'peak_memory_ratio': None if memory is None else round(memory['fmp']['training'] / memory['dense']['training'], 4),
