@@ -13,7 +13,10 @@ setup(
     python_requires='>=3.9',
     install_requires=[
         'basicsr==1.4.2',
-        'torch>=2.1',
+        # weights_only=True loading is unsafe before 2.10 (CVE-2025-32434, CVE-2026-24747);
+        # fmpsr.requirements stops the import on an older torch
+        'torch>=2.10',
+        'packaging',  # torch version check (fmpsr.requirements)
         'torchvision',
         'safetensors>=0.4',
         'scikit-image',
