@@ -5,6 +5,13 @@
 the console script ``fmpsr-infer``). 8- and 16-bit images, grayscale, BGR and BGRA are kept as they
 are: the output has the input's dtype and channel count. Alpha is upscaled separately, by the
 network or bicubically (``--alpha-upsampler``).
+
+Limits, for folders of images from anywhere: an image of more than ``--max-pixels`` pixels (default
+64 megapixels) is refused from its header, before it is decoded; an image of more than
+:data:`AUTO_TILE_ABOVE` LR pixels is run in :data:`AUTO_TILE` x :data:`AUTO_TILE` tiles unless
+``--tile`` is given; an image that fails (unreadable, too large, out of memory) is reported in one
+line and skipped, the others are written, and the exit status is then 1. Two inputs that would write
+the same output file are refused before anything is written.
 """
 import argparse
 import os
@@ -17,10 +24,13 @@ import torch
 from fmpsr.archs.limits import min_lr_size
 from fmpsr.pruning.export import WEIGHTS_FILE, load_compact, read_network_options
 
-from .image_io import EXTENSIONS, ImageReadError, from_float, read_image, to_float, write_image
+from .image_io import DEFAULT_MAX_PIXELS, EXTENSIONS, ImageReadError, from_float, read_image, to_float, write_image
 from .tiling import tiled_forward
 
 ALPHA_UPSAMPLERS = ('network', 'bicubic')
+AUTO_TILE = 512               # LR pixels: tile size used when --tile is not given and the image is large
+AUTO_TILE_ABOVE = 2 ** 21     # LR pixels (about 2 megapixels; 1920 x 1080 is below): larger images are tiled
+_OUT_OF_MEMORY = ('out of memory', "can't allocate memory", 'not enough memory', 'failed to allocate')
 
 
 def resolve_device(device, half=False):
@@ -46,10 +56,17 @@ def _weights_path(model):
 
 def model_min_size(model):
     """Minimum LR input size (pixels) of the exported network at ``model`` (folder or safetensors),
-    read from its metadata without building it."""
+    read from its metadata without building it; None for a ``.pth`` checkpoint (known once loaded).
+
+    Raises:
+        FileNotFoundError: no weights there. ValueError: an unreadable file or refused options
+            (see :func:`fmpsr.pruning.export.read_network_options`).
+    """
     weights = _weights_path(model)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f'--model {model!r}: no exported weights at {weights!r}')
+    if weights.endswith(('.pth', '.pt')):
+        return None
     return min_lr_size(read_network_options(weights))
 
 
@@ -61,7 +78,9 @@ class Upscaler:
             :func:`fmpsr.pruning.load_compact`).
         device (str): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         half (bool): float16 (CUDA only).
-        tile, tile_pad, pre_pad (int): LR pixels, see :func:`fmpsr.deploy.tiling.tiled_forward`.
+        tile, tile_pad, pre_pad (int): LR pixels, see :func:`fmpsr.deploy.tiling.tiled_forward`;
+            ``tile`` None (default): :data:`AUTO_TILE` for images of more than :data:`AUTO_TILE_ABOVE`
+            pixels, no tiling below; 0: never tile.
 
     Attributes:
         scale (int): the network's upscale factor (measured on a dummy input).
@@ -73,7 +92,7 @@ class Upscaler:
             smaller than ``min_size``.
     """
 
-    def __init__(self, model, device='auto', half=False, tile=0, tile_pad=10, pre_pad=10):
+    def __init__(self, model, device='auto', half=False, tile=None, tile_pad=10, pre_pad=10):
         self.device = resolve_device(device, half)
         self.net, self.network_opt, _ = load_compact(model, self.device)
         self.min_size = min_lr_size(self.network_opt)
@@ -105,8 +124,15 @@ class Upscaler:
         """
         x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
         x = x.to(self.device, self.dtype)
-        out = tiled_forward(self.net, x, self.scale, self.tile, self.tile_pad, self.pre_pad, self.min_size)
+        out = tiled_forward(self.net, x, self.scale, self.tile_for(*img.shape[:2]), self.tile_pad, self.pre_pad,
+                            self.min_size)
         return out[0].float().cpu().numpy().transpose(1, 2, 0)
+
+    def tile_for(self, height, width):
+        """Tile size (LR pixels, 0 = none) used for an image of ``height`` x ``width`` pixels."""
+        if self.tile is not None:
+            return self.tile
+        return max(AUTO_TILE, self.min_size) if height * width > AUTO_TILE_ABOVE else 0
 
     def _upscale_channels(self, img):
         """(H, W, C) float with C in {1, 3} (RGB) -> upscaled (sH, sW, C) float, whatever ``in_channels``."""
@@ -193,23 +219,66 @@ def output_path(in_path, out_dir, suffix, ext, has_alpha=False):
     return os.path.join(out_dir, f'{name}.{ext.lower()}')
 
 
+def output_names(inputs, out_dir, suffix, ext):
+    """The output path of every input, checked before anything is written.
+
+    Whether an image has alpha (then written as PNG) is known only once it is decoded, so each input
+    is given both names it may write; two inputs that share a possible name are refused.
+
+    Returns:
+        dict: input path -> (output path without alpha, output path with alpha).
+
+    Raises:
+        ValueError: two inputs that may write the same file, or an output that is an input (both named).
+    """
+    names, owner = {}, {}
+    inputs_real = {os.path.realpath(p): p for p in inputs}
+    for path in inputs:
+        both = (output_path(path, out_dir, suffix, ext), output_path(path, out_dir, suffix, ext, has_alpha=True))
+        for target in set(both):
+            key = os.path.realpath(target)
+            if key in owner:
+                raise ValueError(f'{owner[key]!r} and {path!r} would both be written to {target!r}; '
+                                 'rename one, or use --suffix / --ext / separate runs')
+            if key in inputs_real:
+                raise ValueError(f'{path!r} would be written to {target!r}, which is the input '
+                                 f'{inputs_real[key]!r}; use another output folder or --suffix')
+            owner[key] = path
+        names[path] = both
+    return names
+
+
+def is_out_of_memory(error):
+    """True for ``MemoryError`` and for torch / OpenCV errors that report a failed allocation."""
+    if isinstance(error, MemoryError) or type(error).__name__ == 'OutOfMemoryError':
+        return True
+    return isinstance(error, (RuntimeError, cv2.error)) and any(m in str(error).lower() for m in _OUT_OF_MEMORY)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog='fmpsr-infer', description='Upscale images with an exported fmpsr network (Real-ESRGAN-style options).')
+        prog='fmpsr-infer', description='Upscale images with an exported fmpsr network (Real-ESRGAN-style options). '
+        'Exit status: 0 every image written, 1 some skipped (each reported), 2 bad options or model (nothing written).')
     parser.add_argument('-i', '--input', required=True, help='input image or folder')
     parser.add_argument('-o', '--output', default='results', help='output folder (default: results)')
-    parser.add_argument('--model', '-m', required=True, help='export folder or its net_g.safetensors')
+    parser.add_argument('--model', '-m', required=True,
+                        help='export folder or its net_g.safetensors (or the net_g_*.pth of an fmpsr run)')
     parser.add_argument('--outscale', '-s', type=float, default=None,
                         help='final upscale factor; the output is resized (Lanczos) after the network '
                              '(default: the network\'s scale)')
     parser.add_argument('--suffix', default='out', help='suffix of output names: <name>_<suffix>.<ext> (default: out)')
     parser.add_argument('--ext', choices=('auto',) + EXTENSIONS, default='auto',
                         help='output format; auto keeps the input\'s; images with alpha are always PNG')
-    parser.add_argument('--tile', '-t', type=int, default=0, help='tile size in LR pixels, 0 = no tiling (default 0)')
+    parser.add_argument('--tile', '-t', type=int, default=None,
+                        help=f'tile size in LR pixels; 0 = never tile (default: {AUTO_TILE} for images of more than '
+                             f'{AUTO_TILE_ABOVE:,} pixels, none below)')
     parser.add_argument('--tile-pad', '--tile_pad', type=int, default=10,
                         help='context around each tile, LR pixels (default 10)')
     parser.add_argument('--pre-pad', '--pre_pad', type=int, default=10,
                         help='reflection padding at the bottom/right of each image, LR pixels (default 10)')
+    parser.add_argument('--max-pixels', type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f'refuse (skip) images of more pixels, checked before decoding; 0 = no limit '
+                             f'(default {DEFAULT_MAX_PIXELS:,})')
     parser.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N (default auto)')
     parser.add_argument('--half', action='store_true', help='float16 inference (CUDA only)')
     parser.add_argument('--alpha-upsampler', '--alpha_upsampler', choices=ALPHA_UPSAMPLERS, default='network',
@@ -221,44 +290,66 @@ def build_parser():
 def main(argv=None):
     """Command line entry point (``fmpsr-infer``).
 
+    Prints one line per image written (stdout) and one per image skipped (stderr).
+
     Returns:
         int: 0 when every file was written, 1 when some were skipped (each is reported on stderr).
-        Bad options exit with status 2 and a message, before anything is written.
+
+    Raises:
+        SystemExit: bad options (status 2, argparse's message), before anything is written.
+        ValueError, OSError: an unreadable or refused model, or inputs that would share an output file
+            (:func:`cli` prints them in one line, status 2), before anything is written.
     """
     from tqdm import tqdm
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ('tile', 'tile_pad', 'pre_pad'):
-        if getattr(args, name) < 0:
+    for name in ('tile', 'tile_pad', 'pre_pad', 'max_pixels'):
+        if (getattr(args, name) or 0) < 0:
             parser.error(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
     if args.outscale is not None and args.outscale <= 0:
         parser.error(f'--outscale must be > 0, got {args.outscale}')
     try:
         resolve_device(args.device, args.half)
-        min_size = model_min_size(args.model)
-        if args.tile and args.tile < min_size:
-            raise ValueError(f'--tile {args.tile} is smaller than the minimum LR input of this network '
-                             f'({min_size} pixels, ESA); use --tile {min_size} or more, or --tile 0')
-        inputs = list_inputs(args.input)
-    except (ValueError, FileNotFoundError) as err:
+    except ValueError as err:
         parser.error(str(err))
+    min_size = model_min_size(args.model)  # a bad model file: one line from cli(), status 2
+    if args.tile and min_size and args.tile < min_size:
+        parser.error(f'--tile {args.tile} is smaller than the minimum LR input of this network '
+                     f'({min_size} pixels, ESA); use --tile {min_size} or more, or --tile 0')
+    inputs = list_inputs(args.input)
     if not inputs:
         parser.error(f'-i {args.input!r}: the folder holds no files')
+    names = output_names(inputs, args.output, args.suffix, args.ext)
     upscaler = Upscaler(args.model, args.device, args.half, args.tile, args.tile_pad, args.pre_pad)
     os.makedirs(args.output, exist_ok=True)
     failed = []
     for path in tqdm(inputs, unit='image', desc='upscaling', file=sys.stderr):
         try:
-            img = read_image(path)
-            has_alpha = img.ndim == 3 and img.shape[2] == 4
-            target = output_path(path, args.output, args.suffix, args.ext, has_alpha)
+            img = read_image(path, args.max_pixels)
+            target = names[path][int(img.ndim == 3 and img.shape[2] == 4)]
             if os.path.exists(target) and not args.overwrite:
                 raise FileExistsError(f'{target!r} exists (use --overwrite to replace it)')
-            write_image(target, upscaler.enhance(img, args.outscale, args.alpha_upsampler))
-        except (ImageReadError, FileExistsError, ValueError, cv2.error) as err:
+            out = upscaler.enhance(img, args.outscale, args.alpha_upsampler)
+            write_image(target, out)
+            tqdm.write(f'wrote {target} ({img.shape[1]}x{img.shape[0]} -> {out.shape[1]}x{out.shape[0]})',
+                       file=sys.stdout)
+        except Exception as err:  # noqa: BLE001 (bad images and memory errors are skipped; anything else is a bug)
+            if not (isinstance(err, (ImageReadError, FileExistsError, ValueError, cv2.error, OSError))
+                    or is_out_of_memory(err)):
+                raise
+            if is_out_of_memory(err):
+                err = f'out of memory ({str(err).splitlines()[0] if str(err) else type(err).__name__}); ' \
+                      'try a smaller --tile'
+                if upscaler.device.type == 'cuda':
+                    torch.cuda.empty_cache()
             failed.append(path)
-            tqdm.write(f'skipped {path}: {err}', file=sys.stderr)
+            message = ' '.join(str(err).split())
+            tqdm.write(f'skipped {path}: {message}', file=sys.stderr)
+        finally:
+            img = out = None
+    written = len(inputs) - len(failed)
+    print(f'{written} of {len(inputs)} images written to {args.output}', file=sys.stdout)
     if failed:
         print(f'{len(failed)} of {len(inputs)} files skipped: {", ".join(failed)}', file=sys.stderr)
     return 1 if failed else 0

@@ -22,8 +22,6 @@ import torch
 from fmpsr.archs.limits import min_lr_size
 from fmpsr.pruning.export import atomic_write, load_compact
 
-from .image_io import chmod_default
-
 EXPORTERS = ('dynamo', 'torchscript')
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
@@ -83,7 +81,6 @@ def export_onnx(model, out_path, opset=DEFAULT_OPSET, size=64, exporter='dynamo'
                 torch.onnx.export(net, (example,), tmp, dynamo=False, dynamic_axes={'input': axes, 'output': axes},
                                   **kwargs)
         _add_metadata(tmp, network_opt, scale, min_size, check)
-        chmod_default(tmp)
 
     atomic_write(out_path, write)
     return {'path': out_path, 'opset': opset, 'exporter': exporter, 'scale': scale, 'min_size': min_size}
@@ -102,7 +99,12 @@ def _add_metadata(path, network_opt, scale, min_size, check):
 
 
 def main(argv=None):
-    """Command line entry point (``fmpsr-export-onnx``). Prints a JSON line with what was written."""
+    """Command line entry point (``fmpsr-export-onnx``). Prints a JSON line with what was written.
+
+    Raises:
+        ValueError, OSError: a bad value or an unreadable / refused model file (``cli`` prints them in
+            one line and exits with status 2).
+    """
     parser = argparse.ArgumentParser(prog='fmpsr-export-onnx', description=__doc__.split('\n\n')[0])
     parser.add_argument('model', help='export folder or its net_g.safetensors')
     parser.add_argument('-o', '--output', required=True, help='ONNX file to write')
@@ -117,8 +119,8 @@ def main(argv=None):
         parser.error(f'{args.output!r} exists; use --overwrite to replace it')
     try:
         info = export_onnx(args.model, args.output, args.opset, args.size, args.exporter)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        parser.error(str(err))
+    except ImportError as err:
+        parser.exit(2, f'{parser.prog}: error: {err}\n')
     print(json.dumps(info))
     return 0
 

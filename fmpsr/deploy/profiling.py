@@ -128,14 +128,16 @@ def status_kb(field):
 
 
 def _build(network_opt, weights):
+    """The network of ``network_opt`` (checked as options from a file, :mod:`fmpsr.pruning.untrusted`),
+    with the safetensors ``weights`` loaded when given (random weights, seed 0, otherwise)."""
     import fmpsr  # noqa: F401  (registers the archs in a fresh process)
-    from basicsr.archs import build_network
-    from safetensors.torch import load_file
+    from fmpsr.pruning.export import load_state, load_weights
+    from fmpsr.pruning.untrusted import build_network_from_file
 
     torch.manual_seed(0)
-    net = build_network(dict(network_opt)).eval()
+    net = build_network_from_file(network_opt, weights or 'network_g').eval()
     if weights is not None:
-        net.load_state_dict(load_file(weights), strict=True)
+        load_weights(net, load_state(weights), weights)
     return net
 
 

@@ -22,16 +22,14 @@ safetensors metadata under ``fmpsr_sparse``; other metadata (``network_g``) is k
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from fmpsr.pruning.export import WEIGHTS_FILE, atomic_write
-
-from .image_io import chmod_default
+from fmpsr.pruning.export import (WEIGHTS_FILE, atomic_write, load_state, load_weights, network_options_from_metadata,
+                                  read_metadata)
+from fmpsr.pruning.untrusted import MAX_PARAMS
 
 SPARSE_FILE = 'net_g.sparse.safetensors'
 META_KEY = 'fmpsr_sparse'
@@ -73,24 +71,58 @@ def encode(t):
     return encoding, parts, info
 
 
+FLOAT_DTYPES = ('float16', 'bfloat16', 'float32', 'float64')
+ENCODINGS = ('dense', 'bitmask', 'indices')
+
+
 def decode(encoding, parts, info):
-    """Inverse of :func:`encode` (bit-exact)."""
-    if encoding == 'dense':
-        return parts['']
-    dtype, shape = getattr(torch, info['dtype']), info['shape']
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    out = torch.zeros(numel, dtype=dtype)
-    if encoding == 'bitmask':
-        keep = torch.from_numpy(np.unpackbits(parts['.__mask'].numpy(), count=numel).astype(bool))
-    elif encoding == 'indices':
-        keep = torch.zeros(numel, dtype=torch.bool)
-        keep[parts['.__indices'].long()] = True
-    else:
+    """Inverse of :func:`encode` (bit-exact).
+
+    Raises:
+        ValueError: an index entry or parts that do not describe a tensor (unknown encoding or dtype,
+            a shape above :data:`fmpsr.pruning.untrusted.MAX_PARAMS` entries, a mask, index or value
+            count that does not fit the shape): the file may come from anyone.
+    """
+    if encoding not in ENCODINGS:
         raise ValueError(f'unknown sparse encoding {encoding!r}')
-    out[keep] = parts['.__values']
+    if encoding == 'dense':
+        if '' not in parts:
+            raise ValueError('a dense entry without its tensor')
+        return parts['']
+    shape, dtype_name = info.get('shape'), info.get('dtype')
+    if dtype_name not in FLOAT_DTYPES:
+        raise ValueError(f'dtype {dtype_name!r} is not one of {FLOAT_DTYPES}')
+    if not isinstance(shape, list) or len(shape) > 8 or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f'shape {shape!r} is not a list of sizes')
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if numel > MAX_PARAMS:
+        raise ValueError(f'shape {shape} has {numel:,} entries, above the limit of {MAX_PARAMS:,}')
+    dtype = getattr(torch, dtype_name)
+    values = parts.get('.__values')
+    if values is None or values.dtype != dtype or values.dim() != 1:
+        raise ValueError(f'no 1-D {dtype_name} values stored')
+    if encoding == 'bitmask':
+        mask = parts.get('.__mask')
+        if mask is None or mask.dtype != torch.uint8 or mask.numel() != (numel + 7) // 8:
+            raise ValueError(f'the bit mask does not fit shape {shape}')
+        keep = torch.from_numpy(np.unpackbits(mask.numpy(), count=numel).astype(bool))
+    else:
+        indices = parts.get('.__indices')
+        if (indices is None or indices.dtype != torch.int32 or indices.dim() != 1
+                or (indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel))):
+            raise ValueError(f'the indices do not fit shape {shape}')
+        keep = torch.zeros(numel, dtype=torch.bool)
+        keep[indices.long()] = True
+    if int(keep.sum()) != values.numel():
+        raise ValueError(f'{values.numel()} values stored for {int(keep.sum())} nonzero positions')
+    out = torch.zeros(numel, dtype=dtype)
+    out[keep] = values
     if '.__zero_signs' in parts:
         zeros = (~keep).nonzero().reshape(-1)
-        negative = torch.from_numpy(np.unpackbits(parts['.__zero_signs'].numpy(), count=zeros.numel()).astype(bool))
+        signs = parts['.__zero_signs']
+        if signs.dtype != torch.uint8 or signs.numel() != (zeros.numel() + 7) // 8:
+            raise ValueError('the zero signs do not fit the zeros')
+        negative = torch.from_numpy(np.unpackbits(signs.numpy(), count=zeros.numel()).astype(bool))
         out[zeros[negative]] = -0.0
     return out.reshape(shape)
 
@@ -121,10 +153,7 @@ def save_sparse(path, tensors, metadata=None):
         stored.update({name + suffix: part for suffix, part in parts.items()})
     metadata[META_KEY] = json.dumps(index)
     metadata['format'] = FORMAT
-    def write(tmp):
-        save_file(stored, tmp, metadata=metadata)
-        chmod_default(tmp)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: save_file(stored, tmp, metadata=metadata))
     return {name: info['encoding'] for name, info in index.items()}
 
 
@@ -135,21 +164,29 @@ def load_sparse(path):
         tuple: (state dict name -> Tensor, exactly as saved; metadata without ``fmpsr_sparse``).
 
     Raises:
-        FileNotFoundError: no such file. ValueError: a safetensors file that is not a sparse store.
+        FileNotFoundError: no such file.
+        fmpsr.compat.CorruptCheckpointError (a ValueError): not a readable safetensors file.
+        ValueError: a safetensors file that is not a sparse store, or whose index does not describe its
+            tensors (the file and tensor are named).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'no such file: {path!r}')
-    with safe_open(path, framework='pt') as f:
-        metadata = dict(f.metadata() or {})
+    metadata = read_metadata(path)
     if META_KEY not in metadata:
         raise ValueError(f'{path!r} is not an fmpsr sparse store (no {META_KEY!r} metadata)')
-    index = json.loads(metadata.pop(META_KEY))
-    stored = load_file(path)
+    try:
+        index = json.loads(metadata.pop(META_KEY))
+    except ValueError as error:
+        raise ValueError(f'{path!r}: its {META_KEY} metadata is not JSON ({error})') from error
+    if not isinstance(index, dict) or not all(isinstance(v, dict) for v in index.values()):
+        raise ValueError(f'{path!r}: its {META_KEY} metadata is not a mapping of tensor entries')
+    stored = load_state(path)
     state = {}
     for name, info in index.items():
         parts = {key[len(name):]: value for key, value in stored.items()
                  if key == name or key.startswith(name + '.__')}
-        state[name] = decode(info['encoding'], parts, info)
+        try:
+            state[name] = decode(info.get('encoding'), parts, info)
+        except ValueError as error:
+            raise ValueError(f'{path!r}: tensor {name!r}: {error}') from error
     return state, metadata
 
 
@@ -166,10 +203,9 @@ def write_sparse_export(export_dir, out_path=None):
     weights = os.path.join(export_dir, WEIGHTS_FILE)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f'no exported weights at {weights!r}')
-    with safe_open(weights, framework='pt') as f:
-        metadata = dict(f.metadata() or {})
+    metadata = read_metadata(weights)
     out_path = out_path or os.path.join(export_dir, SPARSE_FILE)
-    save_sparse(out_path, load_file(weights), metadata)
+    save_sparse(out_path, load_state(weights), metadata)
     return out_path
 
 
@@ -183,27 +219,36 @@ def load_sparse_compact(path, device='cpu'):
         tuple: (network in eval mode, ``network_g`` options).
 
     Raises:
-        ValueError: the file carries no ``network_g`` metadata.
+        ValueError: the file carries no ``network_g`` metadata, or options fmpsr does not build from a
+            file (:mod:`fmpsr.pruning.untrusted`), or weights that do not fit them; see also
+            :func:`load_sparse`.
     """
     from basicsr.archs import build_network
 
     path = os.path.join(path, SPARSE_FILE) if os.path.isdir(path) else path
-    state, metadata = load_sparse(path)
-    if 'network_g' not in metadata:
+    network_opt = network_options_from_metadata(read_metadata(path), path)  # checked before any tensor is decoded
+    if network_opt is None:
         raise ValueError(f'{path!r} has no network_g metadata')
-    network_opt = json.loads(metadata['network_g'])
+    state, _ = load_sparse(path)
     net = build_network(dict(network_opt))
-    net.load_state_dict(state, strict=True)
+    load_weights(net, state, path)
     return net.to(device).eval(), network_opt
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Write net_g.sparse.safetensors (zeros stored compactly) '
+    """Command line entry point (``python -m fmpsr.deploy.sparse_store <export folder>``); prints a JSON
+    line with the path written and both sizes. An existing output is kept unless ``--overwrite``."""
+    parser = argparse.ArgumentParser(prog='sparse_store',
+                                     description='Write net_g.sparse.safetensors (zeros stored compactly) '
                                      'next to an export folder\'s net_g.safetensors.')
     parser.add_argument('export', help='export folder')
     parser.add_argument('-o', '--output', default=None, help=f'file to write (default <export>/{SPARSE_FILE})')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
     args = parser.parse_args(argv)
-    path = write_sparse_export(args.export, args.output)
+    out_path = args.output or os.path.join(args.export, SPARSE_FILE)
+    if os.path.exists(out_path) and not args.overwrite:
+        parser.error(f'{out_path!r} exists; use --overwrite to replace it')
+    path = write_sparse_export(args.export, out_path)
     sizes = {'dense_bytes': os.path.getsize(os.path.join(args.export, WEIGHTS_FILE)),
              'sparse_bytes': os.path.getsize(path)}
     print(json.dumps(dict(path=path, **sizes)))
@@ -211,4 +256,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from fmpsr.cli import run_cli
+    run_cli(main, prog='sparse_store', use_return_code=True)
