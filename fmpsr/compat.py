@@ -164,40 +164,96 @@ def remove_stale_temporary_files(experiments_root):
     return removed
 
 
-def load_resume_state(opt):
+def resume_network_paths(opt, resume_iter):
+    """The network checkpoints BasicSR's ``check_resume`` will load to resume at ``resume_iter``:
+    ``<models>/net_<x>_<iter>.pth`` for every ``network_<x>`` of the options not listed in
+    ``path.ignore_resume_networks`` (fmpsr's models keep all their state in these files and the
+    training state)."""
+    ignored = opt['path'].get('ignore_resume_networks') or []
+    models = opt['path'].get('models') or osp.join(
+        opt['path'].get('experiments_root') or osp.join('experiments', opt['name']), 'models')
+    return {key: osp.join(models, f'net_{key[len("network_"):]}_{resume_iter}.pth')
+            for key in opt if key.startswith('network_') and key not in ignored}
+
+
+def _load_resume_pair(opt, state_path, what, iteration=None):
+    """Load the training state ``state_path`` and check that the network checkpoints of its iteration
+    load too (``weights_only``, CPU). Returns the state (mapped to :func:`resume_map_location`).
+
+    Raises:
+        FileNotFoundError, UnsafeCheckpointError, CorruptCheckpointError: naming the file at fault.
+    """
+    state = safe_torch_load(state_path, resume_map_location(), what=what)
+    if not isinstance(state, dict) or not isinstance(state.get('iter'), int) or not isinstance(state.get('epoch'), int):
+        raise CorruptCheckpointError(f'{what} {state_path!r} is not a BasicSR training state (no iter / epoch)')
+    if iteration is not None and state['iter'] != iteration:
+        raise CorruptCheckpointError(f'{what} {state_path!r} holds iteration {state["iter"]}, not {iteration}')
+    for key, path in resume_network_paths(opt, state['iter']).items():
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'{what} {state_path!r} (iteration {state["iter"]}) needs the network '
+                                    f'checkpoint {path!r}, which does not exist')
+        net = safe_torch_load(path, 'cpu', what=f'network checkpoint of {key} for iteration {state["iter"]}')
+        if not isinstance(net, dict):
+            raise CorruptCheckpointError(f'network checkpoint {path!r} holds a {type(net).__name__}, not a state dict')
+        del net
+    return state
+
+
+def load_resume_state(opt, skipped=None):
     """Find and load the training state to resume from (replaces basicsr's version).
 
-    With ``opt['auto_resume']`` the newest ``<experiments_root>/training_states/<iter>.state`` is
-    used (and rank 0 removes the temporary files of a write the killed run did not finish);
-    otherwise ``opt['path']['resume_state']`` if set. Loading never executes code from the file
-    (``weights_only=True``).
+    With ``opt['auto_resume']`` the newest ``<experiments_root>/training_states/<iter>.state`` whose
+    training state AND network checkpoint(s) (:func:`resume_network_paths`) both load is used; newer
+    ones that do not load (truncated, damaged, unsafe, network checkpoint missing) are skipped and
+    described in ``skipped``. Rank 0 first removes the temporary files of a write the killed run did
+    not finish. Otherwise ``opt['path']['resume_state']`` if set (its network checkpoint must load
+    too). Loading never executes code from a file (``weights_only=True``).
+
+    Args:
+        opt (dict): the parsed options; ``path.resume_state`` is set to the state used and
+            ``path.pretrain_network_*`` to its network checkpoints (BasicSR's ``check_resume``).
+        skipped (list | None): receives one line per skipped state (path and why).
 
     Returns:
         dict | None: the state, or None when there is nothing to resume.
 
     Raises:
-        FileNotFoundError: ``path.resume_state`` names a file that does not exist.
-        UnsafeCheckpointError, CorruptCheckpointError: see :func:`safe_torch_load`.
+        FileNotFoundError: ``path.resume_state`` (or the network checkpoint it needs) does not exist.
+        UnsafeCheckpointError, CorruptCheckpointError: ``path.resume_state`` or its network checkpoint
+            (see :func:`safe_torch_load`); with ``--auto_resume``, when no state in the folder loads
+            (CorruptCheckpointError listing each one and why).
     """
     from basicsr.utils import check_resume, scandir
 
-    resume_state_path = None
+    skipped = [] if skipped is None else skipped
+    resume_state = None
     if opt['auto_resume']:
         experiments_root = opt['path'].get('experiments_root') or osp.join('experiments', opt['name'])
         state_path = osp.join(experiments_root, 'training_states')
         if opt.get('rank', 0) == 0:
             remove_stale_temporary_files(experiments_root)
+        iters = []
         if osp.isdir(state_path):
-            states = list(scandir(state_path, suffix='state', recursive=False, full_path=False))
-            states = [int(v.split('.state')[0]) for v in states if v.split('.state')[0].isdigit()]
-            if states:
-                resume_state_path = osp.join(state_path, f'{max(states)}.state')
-                opt['path']['resume_state'] = resume_state_path
+            names = scandir(state_path, suffix='state', recursive=False, full_path=False)
+            iters = sorted((int(v[:-len('.state')]) for v in names if v[:-len('.state')].isdigit()), reverse=True)
+        for iteration in iters:
+            path = osp.join(state_path, f'{iteration}.state')
+            try:
+                resume_state = _load_resume_pair(opt, path, '--auto_resume: training state', iteration)
+            except (OSError, ValueError, pickle.UnpicklingError) as error:
+                skipped.append(f'{path}: {str(error).splitlines()[0]}')
+                continue
+            opt['path']['resume_state'] = path
+            break
+        if iters and resume_state is None:
+            raise CorruptCheckpointError(
+                f'--auto_resume: none of the {len(iters)} training state(s) in {state_path!r} can be resumed '
+                f'(each one or its network checkpoint fails to load): {"; ".join(skipped)}. Move the folder '
+                f'{experiments_root!r} away to start afresh')
     elif opt['path'].get('resume_state'):
-        resume_state_path = opt['path']['resume_state']
-    if resume_state_path is None:
+        resume_state = _load_resume_pair(opt, opt['path']['resume_state'], 'path.resume_state')
+    if resume_state is None:
         return None
-    resume_state = safe_torch_load(resume_state_path, resume_map_location(), what='path.resume_state')
     check_resume(opt, resume_state['iter'])
     return resume_state
 

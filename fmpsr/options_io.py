@@ -136,6 +136,8 @@ def _argument_parser():
     parser.add_argument('--debug', action='store_true',
                         help="BasicSR's debug mode (name debug_<name>, validate and save every 8 iterations) "
                              'and full tracebacks')
+    parser.add_argument('--deterministic', action='store_true',
+                        help='deterministic algorithms on GPU (same as "deterministic: true" in the option file)')
     parser.add_argument('--local_rank', type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument('--force_yml', nargs='+', default=None, metavar='KEYS=VALUE',
                         help='override existing options, e.g. train:ema_decay=0.999 (values are plain YAML)')
@@ -187,6 +189,8 @@ def parse_options(root_path, is_train=True):
 
     opt['auto_resume'] = args.auto_resume
     opt['is_train'] = is_train
+    if args.deterministic:
+        opt['deterministic'] = True
 
     if args.debug and not opt['name'].startswith('debug'):
         opt['name'] = 'debug_' + opt['name']

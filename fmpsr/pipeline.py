@@ -8,8 +8,16 @@
   index), and a resumed run skips the samples its killed predecessor consumed in that epoch, so it
   sees exactly the batches an uninterrupted run would. ``torchrun`` ranks together see the batches
   of a single process with the same global batch.
-* The resume state is found and loaded with :func:`fmpsr.compat.load_resume_state` (CPU-safe,
-  ``weights_only``).
+* One run per name at a time: right after parsing, before anything is checked, made, renamed or
+  removed, the run takes the lock ``experiments/.<name>.lock`` (``results/.<name>.lock`` for
+  ``test.py``) for its lifetime (:mod:`fmpsr.run_lock`); under ``torchrun`` / SLURM rank 0 takes it
+  and tells the other ranks.
+* The resume state is chosen, loaded and checked before any folder is made
+  (:func:`fmpsr.compat.load_resume_state`: CPU-safe, ``weights_only``; ``--auto_resume`` falls back
+  to the newest state whose network checkpoint loads too, and the log names what it skipped).
+* Training stops cleanly on SIGTERM with a checkpoint; ``deterministic: true`` (or
+  ``--deterministic``) sets torch's deterministic flags after BasicSR turned ``cudnn.benchmark`` on
+  (:mod:`fmpsr.run_control`).
 """
 import logging
 
@@ -20,11 +28,13 @@ import basicsr.train
 from basicsr.utils import logger as basicsr_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from . import run_control
 from .compat import load_resume_state
 from .data.checks import check_datasets, check_paths
 from .data.sampling import ResumableSampler, SeededDataset
+from .run_lock import acquire
 
-_STATE = {'seed': None, 'resume': None, 'sampler': None}
+_STATE = {'seed': None, 'resume': None, 'sampler': None, 'loaded': None, 'skipped': []}
 _ORIGINAL = {}
 
 
@@ -46,15 +56,47 @@ def check_options(opt):
         # not draw from the global RNG that BasicSR has just seeded for the run itself
         with torch.random.fork_rng(devices=[]):
             model_cls.check_options(opt)
+    run_control.check_deterministic(opt)
     check_paths(opt)
     check_datasets(opt)
 
 
+def lock_run(opt):
+    """Take the lock of the run's folder (``experiments/<name>`` or ``results/<name>``) for this
+    process's lifetime; with several ranks rank 0 takes it and every rank raises if it failed.
+
+    Raises:
+        fmpsr.run_lock.RunLockedError (an OSError): another live run holds it.
+    """
+    folder = opt['path'].get('experiments_root') if opt.get('is_train') else opt['path'].get('results_root')
+    if not folder:
+        return
+    import torch.distributed as dist
+    error = None
+    if opt.get('rank', 0) == 0:
+        try:
+            acquire(folder, 'experiment' if opt.get('is_train') else 'test run')
+        except OSError as e:
+            error = e
+    if opt.get('dist') and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [None if error is None else (type(error).__name__, str(error))]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None and error is None:
+            from .run_lock import RunLockedError
+            error = RunLockedError(shared[0][1]) if shared[0][0] == 'RunLockedError' else OSError(shared[0][1])
+    if error is not None:
+        raise error
+
+
 def _parse_options(parse):
     def parse_and_check(root_path, is_train=True):
-        opt, args = parse(root_path, is_train=is_train)
+        opt, args = parse(root_path, is_train=is_train)  # --deterministic: fmpsr.options_io
         configured = 'basicsr' in basicsr_logger.initialized_logger
+        lock_run(opt)
         check_options(opt)
+        if is_train:
+            _STATE['skipped'] = []
+            _STATE['loaded'] = (id(opt), load_resume_state(opt, _STATE['skipped']))
         if not configured:
             _forget_logger('basicsr')
         return opt, args
@@ -76,7 +118,8 @@ def _forget_logger(name):
 
 
 def _load_resume_state(opt):
-    state = load_resume_state(opt)
+    loaded, _STATE['loaded'] = _STATE['loaded'], None
+    state = loaded[1] if loaded is not None and loaded[0] == id(opt) else load_resume_state(opt, _STATE['skipped'])
     _STATE['resume'] = None if state is None else (int(state['iter']), int(state['epoch']))
     return state
 
@@ -90,6 +133,8 @@ def _build_dataset(dataset_opt):
 
 def _create_train_val_dataloader(opt, logger):
     _STATE['seed'] = opt.get('manual_seed') or 0
+    for line in _STATE['skipped']:
+        logger.warning(f'--auto_resume skipped {line}')
     result = _ORIGINAL['create_train_val_dataloader'](opt, logger)
     train_loader, train_sampler = result[0], result[1]
     _STATE['sampler'] = train_sampler
@@ -108,6 +153,20 @@ def _create_train_val_dataloader(opt, logger):
     return result
 
 
+def _build_dataloader(*args, **kwargs):
+    return run_control.workers_ignore_sigterm(_ORIGINAL['build_dataloader'](*args, **kwargs))
+
+
+def _build_model(build):
+    def build_and_watch(opt):
+        run_control.apply_deterministic(opt)  # after BasicSR's cudnn.benchmark = True
+        model = build(opt)
+        if opt.get('is_train'):
+            run_control.stop_between_iterations(model, opt, current_epoch, basicsr_logger.get_root_logger().info)
+        return model
+    return build_and_watch
+
+
 def current_epoch():
     """The epoch BasicSR's training loop is in (from the training sampler), or None outside it."""
     sampler = _STATE['sampler']
@@ -118,7 +177,7 @@ def install():
     """Install the hooks above into ``basicsr.train`` / ``basicsr.test`` (idempotent)."""
     if _ORIGINAL:
         return
-    _ORIGINAL.update(build_dataset=basicsr.train.build_dataset,
+    _ORIGINAL.update(build_dataset=basicsr.train.build_dataset, build_dataloader=basicsr.train.build_dataloader,
                      create_train_val_dataloader=basicsr.train.create_train_val_dataloader)
     basicsr.train.parse_options = _parse_options(basicsr.train.parse_options)
     basicsr.test.parse_options = _parse_options(basicsr.test.parse_options)
@@ -126,6 +185,9 @@ def install():
     basicsr.train.build_dataset = _build_dataset
     basicsr.train.EnlargedSampler = ResumableSampler
     basicsr.train.create_train_val_dataloader = _create_train_val_dataloader
+    basicsr.train.build_dataloader = _build_dataloader
+    basicsr.train.build_model = _build_model(basicsr.train.build_model)
+    basicsr.test.build_model = _build_model(basicsr.test.build_model)
 
 
 def close_process_group():

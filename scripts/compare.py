@@ -5,6 +5,10 @@ Every cell (method x budget x seed, and the scratch baselines) is an ordinary fm
 ``fmpsr/train.py --auto_resume`` and tested with ``fmpsr/test.py``; repeating the command runs only
 the cells that have not finished. Outputs: ``results/compare/<preset>/`` (``results.jsonl``,
 ``report.md``, ``figures/``). See :mod:`fmpsr.compare`.
+
+Errors end with one line ``compare: error: <message>`` and exit status 2. SIGTERM / SIGINT end the
+running cells (each writes a checkpoint) and exit with 128 + the signal number; see
+:mod:`fmpsr.compare.runner`.
 """
 import os.path as osp
 import sys
@@ -17,4 +21,4 @@ from fmpsr.compare.runner import main  # noqa: E402
 
 if __name__ == '__main__':
     from fmpsr.cli import run_cli
-    run_cli(main, prog='compare.py', use_return_code=True)
+    run_cli(main, prog='compare', use_return_code=True)

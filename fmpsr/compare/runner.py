@@ -16,13 +16,25 @@
 A cell whose export and test metrics exist is finished and is not run again; one whose training
 finished but whose test did not only runs the test. Subprocess output goes to
 ``results/compare/<preset>/logs/<cell>.{train,test}.log``; wall times to ``cells/<cell>.json``.
+
+Each subprocess runs in its own process group (``start_new_session``). When the runner gets SIGTERM
+or SIGINT, or leaves by any error, it sends SIGTERM to every running cell's group (``train.py``
+then writes a checkpoint of its last iteration and exits), waits up to ``--grace`` seconds, then
+sends SIGKILL; it exits with 128 + the signal number. A runner killed with SIGKILL cannot do this:
+its cells keep running, and a rerun refuses a cell whose ``train.py`` still holds its experiment lock
+(:mod:`fmpsr.run_lock`), naming the process, instead of training it twice.
+
+Errors (a bad preset, failed cells, a cell still running elsewhere) end with one line
+``compare: error: <message>`` and exit status 2, like every fmpsr command (:mod:`fmpsr.cli`).
 """
 import argparse
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +49,17 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.par
 
 class CellFailed(RuntimeError):
     """A cell's training or test subprocess failed (the message names the cell and its log)."""
+
+
+class RunnerStopped(BaseException):
+    """The runner got SIGTERM or SIGINT (``signum``); raised in the main thread by its handler."""
+
+    def __init__(self, signum):
+        super().__init__(f'stopped by {signal.Signals(signum).name}')
+        self.signum = signum
+
+
+DEFAULT_GRACE_S = 60.0
 
 
 def _read_json(path):
@@ -61,9 +84,14 @@ class Runner:
         log (callable): progress messages (str).
     """
 
-    def __init__(self, preset, python=sys.executable, jobs=None, log=print):
+    def __init__(self, preset, python=sys.executable, jobs=None, log=print, grace=DEFAULT_GRACE_S):
         self.preset, self.python, self.log = preset, python, log
         self.jobs = jobs or preset.jobs
+        self.grace = grace
+        self.children = set()
+        self.stopping = False
+        self.ended = 0  # cells ended by stop()
+        self._children_lock = threading.Lock()
         self.root = preset.root
         self.out_dir = preset.out_dir
         self.ran = []
@@ -122,12 +150,25 @@ class Runner:
         self.log(f'[compare] {cell.name}: {kind}: {" ".join(cmd[1:])}')
         start = time.time()
         with open(log_path, 'a') as out:
-            result = subprocess.run(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT)
+            with self._children_lock:
+                if self.stopping:
+                    raise CellFailed(f'cell {cell.name}: {kind} not started: the comparison is stopping')
+                proc = subprocess.Popen(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # its own process group: ended by stop()
+                self.children.add(proc)
+            try:
+                returncode = proc.wait()
+            except BaseException:  # RunnerStopped (a signal) or any error while waiting
+                self.stop()  # ends this cell, and every other, before it is forgotten
+                raise
+            finally:
+                with self._children_lock:
+                    self.children.discard(proc)
         elapsed = time.time() - start
-        if result.returncode != 0:
+        if returncode != 0:
             with open(log_path) as f:
                 tail = f.read()[-3000:]
-            raise CellFailed(f'cell {cell.name}: {kind} failed with exit status {result.returncode} '
+            raise CellFailed(f'cell {cell.name}: {kind} failed with exit status {returncode} '
                              f'(log: {log_path}):\n{tail}')
         return elapsed
 
@@ -139,6 +180,13 @@ class Runner:
         timing = _read_json(self.timing_path(cell)) if os.path.isfile(self.timing_path(cell)) else {}
         trained = False
         if not self.train_done(cell):
+            from fmpsr.run_lock import is_locked, lock_path, owner
+            if is_locked(self.exp_dir(cell)):
+                raise CellFailed(
+                    f'cell {cell.name}: its training is still running in another process '
+                    f'({owner(lock_path(self.exp_dir(cell))) or "lock " + lock_path(self.exp_dir(cell))}), e.g. '
+                    'of a comparison killed with SIGKILL; not started twice. Wait for it to end, or stop it '
+                    '(SIGTERM to its process group writes a checkpoint), then run the comparison again')
             timing['train_s'] = timing.get('train_s', 0.0) + self._subprocess(
                 cell, 'fmpsr/train.py', self.option_path(cell), ['--auto_resume'], 'train')
             if cell.is_scratch:
@@ -219,22 +267,59 @@ class Runner:
             cells.append(cell)
         return cells
 
+    # ---- stopping ----
+    def stop(self, grace=None):
+        """End every running cell: SIGTERM to its process group, SIGKILL to those still running after
+        ``grace`` seconds (default: the runner's ``grace``). No new cell starts afterwards.
+
+        Returns:
+            int: how many cells were running (also added to ``ended``).
+        """
+        grace = self.grace if grace is None else grace
+        with self._children_lock:
+            self.stopping = True
+            procs = list(self.children)
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.ended += len(procs)
+        return len(procs)
+
     # ---- everything ----
     def _run_all(self, cells):
         failures = []
 
         def one(cell):
+            if self.stopping:
+                return
             try:
                 self.run_cell(cell)
             except CellFailed as e:
-                failures.append(e)
-                self.log(f'[compare] FAILED {e}')
-        if self.jobs == 1:
-            for cell in cells:
-                one(cell)
-        else:
-            with ThreadPoolExecutor(self.jobs) as pool:
-                list(pool.map(one, cells))
+                if not self.stopping:
+                    failures.append(e)
+                    self.log(f'[compare] FAILED {e}')
+        try:
+            if self.jobs == 1:
+                for cell in cells:
+                    one(cell)
+            else:
+                with ThreadPoolExecutor(self.jobs) as pool:
+                    futures = [pool.submit(one, cell) for cell in cells]
+                    try:
+                        for future in futures:
+                            future.result()
+                    except BaseException:
+                        self.stop()  # before the pool waits for its threads, which wait for the cells
+                        raise
+        except BaseException:
+            self.stop()
+            raise
         return failures
 
     def run(self):
@@ -264,8 +349,28 @@ class Runner:
         self.log(f'[compare] ran {len(self.ran)} cells; {len(finished)} of {len(cells)} finished; '
                  f'report: {os.path.relpath(os.path.join(self.out_dir, "report.md"), self.root)}')
         if failures:
-            raise CellFailed(f'{len(failures)} cell(s) failed:\n' + '\n'.join(str(f).split('\n')[0] for f in failures))
+            raise CellFailed(f'{len(failures)} cell(s) failed: ' + '; '.join(str(f).split('\n')[0] for f in failures))
         return cells
+
+
+def _signal_group(proc, signum):
+    """Send ``signum`` to the process group of ``proc`` (started with ``start_new_session``) while its
+    leader has not been reaped (so the group id cannot have been reused)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _stop_on_signals(runner):
+    """Make SIGTERM / SIGINT raise :class:`RunnerStopped` in the main thread (once); returns a function
+    restoring the previous handlers."""
+    def handler(signum, frame):
+        if not runner.stopping:
+            raise RunnerStopped(signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 def main(argv=None):
@@ -275,13 +380,16 @@ def main(argv=None):
     parser.add_argument('--dry-run', action='store_true',
                         help='check the preset and print the method cells and their pruning keys; run nothing')
     parser.add_argument('--report-only', action='store_true', help='write the report of the finished cells; run nothing')
+    parser.add_argument('--grace', type=float, default=DEFAULT_GRACE_S,
+                        help='seconds a stopped cell gets to write its checkpoint before SIGKILL (default 60)')
     args = parser.parse_args(argv)
     import fmpsr  # noqa: F401
+    from fmpsr.cli import EXIT_BAD_INPUT, error_message
 
     from .methods import MethodNotAvailable
     try:
         preset = Preset(args.opt, ROOT)
-        runner = Runner(preset, jobs=args.jobs)
+        runner = Runner(preset, jobs=args.jobs, grace=args.grace)
         if args.dry_run:
             cells = preset.method_cells()
             preset.check_cell_options(cells)
@@ -299,8 +407,18 @@ def main(argv=None):
                           for c in runner.scratch_cells(ref)]
             write_report(preset, [c for c in cells if runner.finished(c)], runner)
             return 0
-        runner.run()
-    except (PresetError, MethodNotAvailable, FileNotFoundError, CellFailed) as e:
-        print(f'compare: {e}', file=sys.stderr)
-        return 1
+        restore = _stop_on_signals(runner)
+        try:
+            runner.run()
+        except RunnerStopped as stopped:
+            runner.stop()
+            print(f'compare: {stopped}: ended {runner.ended} running cell(s) (each writes a checkpoint on SIGTERM); '
+                  'run the command again to continue', file=sys.stderr, flush=True)
+            return 128 + stopped.signum
+        finally:
+            runner.stop()  # no-op unless cells are still running (an error in the runner itself)
+            restore()
+    except (PresetError, MethodNotAvailable, OSError, ValueError, CellFailed) as e:
+        print(f'compare: error: {error_message(e)}', file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     return 0
