@@ -1,9 +1,11 @@
 """Helpers of the structured-baseline tests (SRP, ASSL, L1-norm): tiny option files pointed at the test
 data, a "pretrained" network on disk, and recounts of an export that do not use fmpsr's accounting."""
 import copy
+import os
 import os.path as osp
 import sys
 
+import pytest
 import torch
 import yaml
 from conftest import ROOT, run
@@ -83,22 +85,58 @@ def recount_export(name, dense_opt):
     return compact, info
 
 
-def run_test_py(name, scale, data, tmp_path, names):
-    """Score the export of run ``name`` with fmpsr/test.py on ``data``'s validation pair; returns PSNR."""
-    test_name = names('pytest_test_baseline')
+def independent_psnr(export, data, scale, crop_border=None, test_y_channel=True):
+    """Mean PSNR (dB) of the exported network on ``data``'s validation pairs, computed here without
+    fmpsr/test.py or BasicSR's validation loop: the export rebuilt by ``load_compact``, each LR image
+    read with OpenCV, the output rounded to 8 bits, and BasicSR's ``calculate_psnr`` (``crop_border``:
+    ``scale`` unless given) on the Y channel when ``test_y_channel``."""
+    import cv2
+    import numpy as np
+    from basicsr.metrics import calculate_psnr
+    net, _, _ = load_compact(str(export))
+    values = []
+    for name in sorted(os.listdir(data / 'val' / 'HR')):
+        gt = cv2.imread(str(data / 'val' / 'HR' / name), cv2.IMREAD_COLOR)
+        lq = cv2.imread(str(data / 'val' / 'LR' / name), cv2.IMREAD_COLOR)
+        gt = gt[:lq.shape[0] * scale, :lq.shape[1] * scale]            # as BasicSR's paired validation data
+        x = torch.from_numpy(np.ascontiguousarray(lq[:, :, ::-1].transpose(2, 0, 1))).float().div(255).unsqueeze(0)
+        with torch.no_grad():
+            y = net(x).squeeze(0).clamp(0, 1).numpy().transpose(1, 2, 0)[:, :, ::-1]
+        sr = (y * 255.0).round().astype(np.uint8)
+        values.append(calculate_psnr(sr, gt, scale if crop_border is None else crop_border,
+                                     test_y_channel=test_y_channel))
+    assert values, f'no validation images in {data}'
+    return float(np.mean(values))
+
+
+def score_export(export, scale, data, tmp_path, names, ssim=False):
+    """Score the export folder ``export`` with fmpsr/test.py on ``data``'s validation pairs (PSNR on Y,
+    crop_border = scale; SSIM too when ``ssim``) and check its PSNR against :func:`independent_psnr`.
+    Returns test.py's metrics (dict)."""
+    test_name = names('pytest_test_export')
+    metrics = {'psnr': {'type': 'calculate_psnr', 'crop_border': scale, 'test_y_channel': True}}
+    if ssim:
+        metrics['ssim'] = {'type': 'calculate_ssim', 'crop_border': scale, 'test_y_channel': True}
     test_opt = {'name': test_name, 'model_type': 'PrunedSRModel', 'scale': scale, 'num_gpu': 0,
                 'datasets': {'test_1': {'name': 'tiny_val', 'type': 'PairedImageDataset',
                                         'dataroot_gt': str(data / 'val/HR'), 'dataroot_lq': str(data / 'val/LR'),
                                         'io_backend': {'type': 'disk'}}},
-                'path': {'pretrain_network_g': experiment(name, 'export', 'net_g.safetensors')},
-                'val': {'save_img': False, 'suffix': None, 'metrics': {
-                    'psnr': {'type': 'calculate_psnr', 'crop_border': scale, 'test_y_channel': True},
-                    'ssim': {'type': 'calculate_ssim', 'crop_border': scale, 'test_y_channel': True}}}}
+                'path': {'pretrain_network_g': osp.join(str(export), 'net_g.safetensors')},
+                'val': {'save_img': False, 'suffix': None, 'metrics': metrics}}
     path = tmp_path / f'{test_name}.yml'
     path.write_text(yaml.safe_dump(test_opt))
     run([sys.executable, 'fmpsr/test.py', '-opt', str(path)])
     with open(osp.join(ROOT, 'results', test_name, 'metrics.json')) as f:
-        return yaml.safe_load(f)['tiny_val']
+        scores = yaml.safe_load(f)['tiny_val']
+    expected = independent_psnr(export, data, scale)
+    assert scores['psnr'] == pytest.approx(expected, rel=1e-6, abs=1e-6), (scores['psnr'], expected)
+    return scores
+
+
+def run_test_py(name, scale, data, tmp_path, names):
+    """Score the export of run ``name`` with fmpsr/test.py on ``data``'s validation pairs (PSNR checked
+    against :func:`independent_psnr`); returns test.py's metrics (PSNR and SSIM)."""
+    return score_export(experiment(name, 'export'), scale, data, tmp_path, names, ssim=True)
 
 
 def same_method_keys(full, tiny):

@@ -7,6 +7,9 @@ missing; with torchrun every rank writes its own files, suffix ``.rank<r>``):
   the file is in place (every module of fmpsr that imported the function by name is patched);
 * ``iters.txt``: ``<iteration> <stage> <sha256 of the bare network's state_dict>`` after every
   ``optimize_parameters`` (the iterations this process really ran, and what each rank holds);
+* ``opens.txt``: the absolute path of every file opened for writing through Python (``open``, which
+  ``torch.save``, matplotlib and json use, and the log files of ``logging``), when opened; files
+  written by C code (OpenCV, safetensors) are not seen here (fmpsr writes those through atomic_write);
 * ``reached``: written when a held write is reached (see below); the process then blocks forever,
   so a test can SIGKILL it at a state the test chose, without a race against a polling loop.
 
@@ -16,7 +19,9 @@ Environment:
     FMPSR_HOOK_HOLD_WHEN: ``before`` (default: the temporary file is fully written, the rename into
         place has not happened, as if the process died while saving) or ``after`` (the file is in place).
 """
+import builtins
 import hashlib
+import logging
 import os
 import os.path as osp
 import re
@@ -26,6 +31,7 @@ import time
 
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
 sys.path.insert(0, ROOT)
+_open = builtins.open  # the records themselves are written with the real open
 
 
 def rank_suffix():
@@ -34,7 +40,7 @@ def rank_suffix():
 
 
 def append(record_dir, name, line):
-    with open(osp.join(record_dir, name + rank_suffix()), 'a') as f:
+    with _open(osp.join(record_dir, name + rank_suffix()), 'a') as f:
         f.write(line + '\n')
         f.flush()
         os.fsync(f.fileno())
@@ -44,6 +50,18 @@ def block_forever(record_dir, path):
     append(record_dir, 'reached', path)
     while True:
         time.sleep(3600)
+
+
+def record_opens(record_dir):
+    """Record every file opened for writing (see the module docstring) in ``opens.txt``."""
+    def recording_open(file, mode='r', *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in 'wax+'):
+            path = osp.abspath(os.fsdecode(file))
+            if not path.startswith(osp.abspath(record_dir) + os.sep):
+                append(record_dir, 'opens.txt', path)
+        return _open(file, mode, *args, **kwargs)
+    builtins.open = recording_open
+    logging.FileHandler._builtin_open = staticmethod(recording_open)
 
 
 def install(record_dir):
@@ -105,6 +123,7 @@ def install(record_dir):
 if __name__ == '__main__':
     record_dir, script, *args = sys.argv[1:]
     os.makedirs(record_dir, exist_ok=True)
+    record_opens(record_dir)
     install(record_dir)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name='__main__')

@@ -11,13 +11,13 @@ convs. The tiny option files run end to end and their exports are recounted from
 """
 import glob
 import os.path as osp
-import sys
 
 import networkx as nx
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run
+from baseline_helpers import score_export
+from conftest import ROOT, run_tiny_forms
 from safetensors.torch import load_file
 from torch import nn
 
@@ -241,18 +241,18 @@ def test_full_option_files_pass_the_checks_and_match_their_tiny_forms():
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.fixture(scope='module')
+def tiny_runs(request, data_at, names, tmp_path_factory):
+    """The selected tiny forms, run once for the module (conftest.run_tiny_forms)."""
+    return run_tiny_forms(request, 'test_tiny_kernel_masks_run_end_to_end', data_at, names, tmp_path_factory.mktemp('tiny'))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('path', TINY, ids=osp.basename)
-def test_tiny_kernel_masks_run_end_to_end(path, data_at, names, tmp_path):
-    data = data_at(4)
-    opt = load(path)
-    opt['name'] = name = names(f'pytest_{osp.basename(path)[:-4]}')
-    for split in ('train', 'val'):
-        opt['datasets'][split]['dataroot_gt'] = str(data / split / 'HR')
-        opt['datasets'][split]['dataroot_lq'] = str(data / split / 'LR')
-    opt['datasets']['train']['dataset_enlarge_ratio'] = 50
-    (tmp_path / 'opt.yml').write_text(yaml.safe_dump(opt))
-    run([sys.executable, 'fmpsr/train.py', '-opt', str(tmp_path / 'opt.yml')])
+def test_tiny_kernel_masks_run_end_to_end(path, tiny_runs, data_at, names, tmp_path):
+    opt, status, log = tiny_runs[path]
+    assert status == 0, f'fmpsr/train.py on {osp.basename(path)} failed:\n{log[-5000:]}'
+    data, name = data_at(4), opt['name']
     export = osp.join(ROOT, 'experiments', name, 'export')
     info = load(osp.join(export, 'pruning.json'))
     kernel, ratios, config = info['kernel'], info['ratios'], opt['pruning']
@@ -287,41 +287,5 @@ def test_tiny_kernel_masks_run_end_to_end(path, data_at, names, tmp_path):
             assert abs(kernel['keep_ratio'] - config['keep_ratio']) < 0.1
     with torch.no_grad():
         assert compact(torch.rand(1, 3, 16, 16)).shape == (1, 3, 64, 64)
-    if config['mask'] == 'grouped':                              # the grouped export scores with fmpsr/test.py
-        test_name = names('pytest_kernel_test')
-        test_opt = {'name': test_name, 'model_type': 'PrunedSRModel', 'scale': 4, 'num_gpu': 0,
-                    'datasets': {'test_1': {'name': 'tiny_val', 'type': 'PairedImageDataset',
-                                            'dataroot_gt': str(data / 'val/HR'), 'dataroot_lq': str(data / 'val/LR'),
-                                            'io_backend': {'type': 'disk'}}},
-                    'path': {'pretrain_network_g': osp.join(export, 'net_g.safetensors')},
-                    'val': {'save_img': False, 'suffix': None, 'metrics': {
-                        'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}}}
-        (tmp_path / 'test.yml').write_text(yaml.safe_dump(test_opt))
-        run([sys.executable, 'fmpsr/test.py', '-opt', str(tmp_path / 'test.yml')])
-        assert 5 < load(osp.join(ROOT, 'results', test_name, 'metrics.json'))['tiny_val']['psnr'] < 60
-
-
-@pytest.mark.slow
-def test_erss_resumes_after_sigkill_in_the_dense_period(data_at, names, tmp_path):
-    from test_reliability import assert_same_result, final_state, kill_when, last_state
-    data = data_at(4)
-    path = osp.join(ROOT, 'options', 'tiny', 'kernel', 'erss_g_edsr_x4.yml')
-    runs = {}
-    for kind in ('ref', 'kill'):
-        opt = load(path)
-        opt['name'] = runs[kind] = names(f'pytest_erss_{kind}')
-        for split in ('train', 'val'):
-            opt['datasets'][split]['dataroot_gt'] = str(data / split / 'HR')
-            opt['datasets'][split]['dataroot_lq'] = str(data / split / 'LR')
-        opt['datasets']['train'].update(dataset_enlarge_ratio=50, num_worker_per_gpu=1)
-        opt['logger']['save_checkpoint_freq'] = 5
-        (tmp_path / f'{kind}.yml').write_text(yaml.safe_dump(opt))
-    run([sys.executable, 'fmpsr/train.py', '-opt', str(tmp_path / 'ref.yml')])
-    args = [sys.executable, 'fmpsr/train.py', '-opt', str(tmp_path / 'kill.yml'), '--auto_resume']
-    assert kill_when(args, osp.join(ROOT, 'experiments', runs['kill'], 'training_states', '10.state'))
-    state = last_state(runs['kill'])
-    assert state['fmp']['stage'] == 'prune' and state['iter'] < 20          # killed before the kernel pruning
-    run(args)
-    assert_same_result(final_state(runs['kill']), final_state(runs['ref']))
-    info = [load(osp.join(ROOT, 'experiments', runs[k], 'export', 'pruning.json'))['kernel'] for k in ('ref', 'kill')]
-    assert info[0] == info[1] and info[0]['mask'] == 'erss_g'
+    if config['mask'] == 'grouped':        # the grouped export: fmpsr/test.py's PSNR against a recount
+        score_export(export, 4, data, tmp_path, names)

@@ -5,18 +5,17 @@ prunable weights, the smallest |w| among those kept, and never a weight of the c
 or writing the output; after a reset the surviving weights equal the weights recorded here at
 iteration 0 (LTH) or t (LMC-LTH). The tiny option files run end to end (prune -> mask -> fine-tune ->
 fmpsr/test.py) and their exports are recounted from the safetensors files. A run killed with SIGKILL
-inside the second round and resumed with --auto_resume ends bit-identical to an uninterrupted one.
+inside the second round and resumed with --auto_resume: tests/test_resume_methods.py.
 """
 import glob
 import os.path as osp
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run
+from baseline_helpers import score_export
+from conftest import ROOT, run_tiny_forms
 from safetensors.torch import load_file
-from test_reliability import assert_same_result, final_state, kill_when, last_state
 
 import fmpsr  # noqa: F401
 from basicsr.archs import build_network
@@ -182,14 +181,18 @@ def exported(name):
             load(osp.join(export, 'pruning.json')))
 
 
+@pytest.fixture(scope='module')
+def tiny_runs(request, data_at, names, tmp_path_factory):
+    """The selected tiny forms, run once for the module (conftest.run_tiny_forms)."""
+    return run_tiny_forms(request, 'test_tiny_lth_runs_end_to_end', data_at, names, tmp_path_factory.mktemp('tiny'))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('path', TINY, ids=osp.basename)
-def test_tiny_lth_runs_end_to_end(path, data_at, names, tmp_path):
-    data = data_at(4)
-    name = names(f'pytest_{osp.basename(path)[:-4]}')
-    opt = tiny_options(path, data, name)
-    (tmp_path / 'opt.yml').write_text(yaml.safe_dump(opt))
-    run([sys.executable, 'fmpsr/train.py', '-opt', str(tmp_path / 'opt.yml')])
+def test_tiny_lth_runs_end_to_end(path, tiny_runs, data_at, names, tmp_path):
+    opt, status, log = tiny_runs[path]
+    assert status == 0, f'fmpsr/train.py on {osp.basename(path)} failed:\n{log[-5000:]}'
+    data, name = data_at(4), opt['name']
     weights, masks, info = exported(name)
     rounds = info['lth']['rounds']
     config = opt['pruning']
@@ -216,34 +219,5 @@ def test_tiny_lth_runs_end_to_end(path, data_at, names, tmp_path):
     assert ratios['original_params'] == numel
     assert ratios['pruned_params'] == numel - zeros                 # the reported sparsity, recounted
     assert abs(rounds[-1]['kept_after'] - 0.8 ** config['rounds']) < 1e-3
-    if osp.basename(path) == 'lth_edsr_x4.yml':                     # the export scores with fmpsr/test.py
-        test_name = names('pytest_lth_test')
-        test_opt = {'name': test_name, 'model_type': 'PrunedSRModel', 'scale': 4, 'num_gpu': 0,
-                    'datasets': {'test_1': {'name': 'tiny_val', 'type': 'PairedImageDataset',
-                                            'dataroot_gt': str(data / 'val/HR'), 'dataroot_lq': str(data / 'val/LR'),
-                                            'io_backend': {'type': 'disk'}}},
-                    'path': {'pretrain_network_g': osp.join(ROOT, 'experiments', name, 'export', 'net_g.safetensors')},
-                    'val': {'save_img': False, 'suffix': None, 'metrics': {
-                        'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}}}
-        (tmp_path / 'test.yml').write_text(yaml.safe_dump(test_opt))
-        run([sys.executable, 'fmpsr/test.py', '-opt', str(tmp_path / 'test.yml')])
-        assert 5 < load(osp.join(ROOT, 'results', test_name, 'metrics.json'))['tiny_val']['psnr'] < 60
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_inside_the_second_round(data_at, names, tmp_path):
-    data = data_at(4)
-    path = osp.join(ROOT, 'options', 'tiny', 'lth', 'lmc_lth_edsr_x4.yml')
-    changes = {'logger.save_checkpoint_freq': 5, 'datasets.train.num_worker_per_gpu': 1}
-    ref, killed = names('pytest_lth_ref'), names('pytest_lth_kill')
-    (tmp_path / 'ref.yml').write_text(yaml.safe_dump(tiny_options(path, data, ref, **changes)))
-    (tmp_path / 'kill.yml').write_text(yaml.safe_dump(tiny_options(path, data, killed, **changes)))
-    run([sys.executable, 'fmpsr/train.py', '-opt', str(tmp_path / 'ref.yml')])
-    args = [sys.executable, 'fmpsr/train.py', '-opt', str(tmp_path / 'kill.yml'), '--auto_resume']
-    assert kill_when(args, osp.join(ROOT, 'experiments', killed, 'training_states', '15.state'))
-    state = last_state(killed)
-    assert state['fmp']['stage'] == 'prune' and 10 < state['iter'] < 30   # inside round 2 or 3, not the first
-    assert len(state['lth']['rounds']) == state['iter'] // 10
-    run(args)
-    assert_same_result(final_state(killed), final_state(ref))
-    assert exported(killed)[2]['lth']['rounds'] == exported(ref)[2]['lth']['rounds']
+    if osp.basename(path) == 'lth_edsr_x4.yml':    # the export: fmpsr/test.py's PSNR against a recount
+        score_export(osp.join(ROOT, 'experiments', name, 'export'), 4, data, tmp_path, names)

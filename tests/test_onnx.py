@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+# plain imports: the `onnx` extra is part of the `test` extra, so a test install without onnx or
+# onnxruntime must fail here (an error at collection), not skip these tests and pass
+import onnx
+import onnxruntime as ort
 from deploy_helpers import EDSR_COMPACT, IMDN_OPT, LSRB_COMPACT, RLFN_OPT, make_export
-from fmpsr.deploy.onnx_export import export_onnx, main
 
-onnx = pytest.importorskip('onnx')  # the `onnx` extra; it is part of the `test` extra, so CI runs this
-ort = pytest.importorskip('onnxruntime')
+from fmpsr.deploy.onnx_export import export_onnx, main
 
 ARCHS = {'lsrb_nonuniform': LSRB_COMPACT, 'edsr_compactarch': EDSR_COMPACT, 'rlfn': RLFN_OPT, 'imdn': IMDN_OPT}
 EXPORT_SIZE = 32

@@ -9,12 +9,12 @@ independently of fmpsr's accounting.
 import glob
 import os.path as osp
 import re
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run
+from baseline_helpers import score_export
+from conftest import ROOT, run_tiny_forms
 from torch.utils.flop_counter import FlopCounterMode
 
 import fmpsr  # noqa: F401
@@ -136,21 +136,19 @@ def assert_criterion_met(pruning, channel, weight, slack=0.0):
         assert low <= kept <= high + eps, (kept, low, high)
 
 
+@pytest.fixture(scope='module')
+def tiny_runs(request, data_at, names, tmp_path_factory):
+    """The selected tiny forms, run once for the module (conftest.run_tiny_forms)."""
+    return run_tiny_forms(request, 'test_tiny_form_runs_end_to_end', data_at, names, tmp_path_factory.mktemp('tiny'))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('path', TINY, ids=lambda p: osp.basename(p))
-def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
-    opt = load(path)
+def test_tiny_form_runs_end_to_end(path, tiny_runs, data_at, names, tmp_path):
+    opt, status, log = tiny_runs[path]
+    assert status == 0, f'fmpsr/train.py on {osp.basename(path)} failed:\n{log[-5000:]}'
     scale = opt['scale']
     data = data_at(scale)
-    opt['name'] = names(f'pytest_{opt["name"]}')
-    for split, folder in (('train', 'train'), ('val', 'val')):
-        opt['datasets'][split]['dataroot_gt'] = str(data / folder / 'HR')
-        opt['datasets'][split]['dataroot_lq'] = str(data / folder / 'LR')
-    opt['datasets']['train']['dataset_enlarge_ratio'] = 50
-    opt_path = tmp_path / 'tiny.yml'
-    with open(opt_path, 'w') as f:
-        yaml.safe_dump(dict(opt), f)
-    run([sys.executable, 'fmpsr/train.py', '-opt', str(opt_path)])
 
     export = osp.join(ROOT, 'experiments', opt['name'], 'export')
     compact, network_opt, masks = load_compact(export)
@@ -173,19 +171,8 @@ def test_tiny_form_runs_end_to_end(path, data_at, names, tmp_path):
     with torch.no_grad():
         assert ratios['original_macs'] == macs(dense)
         assert ratios['channel_macs'] == macs(compact)
-    if osp.basename(path) == 'fmp_edsr_x4_flops_total.yml':      # a CompactArch export scores with test.py
-        test_name = names('pytest_test_compact')
-        test_opt = {'name': test_name, 'model_type': 'PrunedSRModel', 'scale': scale, 'num_gpu': 0,
-                    'datasets': {'test_1': {'name': 'tiny_val', 'type': 'PairedImageDataset',
-                                            'dataroot_gt': str(data / 'val/HR'), 'dataroot_lq': str(data / 'val/LR'),
-                                            'io_backend': {'type': 'disk'}}},
-                    'path': {'pretrain_network_g': osp.join(export, 'net_g.safetensors')},
-                    'val': {'save_img': False, 'suffix': None, 'metrics': {
-                        'psnr': {'type': 'calculate_psnr', 'crop_border': scale, 'test_y_channel': True}}}}
-        (tmp_path / 'test.yml').write_text(yaml.safe_dump(test_opt))
-        run([sys.executable, 'fmpsr/test.py', '-opt', str(tmp_path / 'test.yml')])
-        with open(osp.join(ROOT, 'results', test_name, 'metrics.json')) as f:
-            assert 5 < yaml.safe_load(f)['tiny_val']['psnr'] < 60
+    if osp.basename(path) == 'fmp_edsr_x4_flops_total.yml':   # a CompactArch export: test.py's PSNR recounted
+        score_export(export, scale, data, tmp_path, names)
     if opt['model_type'] == 'DHPModel':                          # channels only; stops at keep ratio + 0.02
         assert pruned == 0
         assert ratios['channel_macs'] / ratios['original_macs'] <= opt['pruning']['keep_ratio'] + 0.02

@@ -13,7 +13,8 @@ write can be held so that SIGKILL lands exactly there, not when a polling loop h
 * a pruned weight stays pruned when its indicator grows back, across a checkpoint and a resume;
 * two gloo ranks hold bit-identical networks at every iteration (recorded by each rank, not taken
   from fmpsr's own log line) and end within a stated PSNR tolerance of one process with the same
-  global batch (bit equality with one process cannot hold: the order of float sums differs);
+  global batch (bit equality with one process cannot hold: the order of float sums differs); two
+  gloo ranks of a mask method (ISS-R) agree at every iteration too, and only rank 0 writes files;
 * bad options and data fail before anything is written, naming the key / folder / file.
 """
 import os
@@ -31,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SCALE, run, write_options
+from conftest import ROOT, SCALE, assert_one_line_error, run, run_failing, write_options
 from safetensors.torch import load_file
 
 import fmpsr  # noqa: F401
@@ -162,24 +163,6 @@ def reference(data, names, tmp_path_factory):
         switch_iter = yaml.safe_load(f)['switch_iter']
     return {'name': name, 'switch_iter': switch_iter, 'result': final_state(name),
             'iters': recorded_iters(folder / 'record'), 'writes': recorded_writes(folder / 'record')}
-
-
-def kill_when(args, exists, timeout=240):
-    """Start ``args``; SIGKILL it as soon as the file ``exists`` appears. Returns True if it was killed.
-
-    Polls every 10 ms, so the kill lands somewhere after the file appeared: use it only where any
-    later point is as good (the tests here hold a write with :func:`run_until_held` instead)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if osp.exists(exists):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.01)
-    proc.kill()
-    return False
 
 
 def last_state(name):
@@ -361,6 +344,51 @@ def test_two_gloo_ranks_agree_and_match_one_process(data, names, tmp_path):
     psnr_single, psnr_ddp = validation_psnr(single), validation_psnr(ddp)
     print(f'validation PSNR: one process {psnr_single:.4f} dB, two ranks {psnr_ddp:.4f} dB')
     assert abs(psnr_ddp - psnr_single) <= PSNR_TOLERANCE_DB, (psnr_single, psnr_ddp)
+
+
+def recorded_opens(record, rank):
+    """Every file rank ``rank`` of a hooked run opened for writing (tests/hooked_run.py ``opens.txt``)."""
+    path = osp.join(str(record), f'opens.txt.rank{rank}')
+    if not osp.isfile(path):
+        return []
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_of_a_mask_method_agree_and_only_rank_0_writes(data, names, tmp_path):
+    """ISS-R (random shrink sets drawn from (manual_seed, iteration) on every rank) under torchrun with
+    two gloo ranks: both ranks hold bit-identical networks and masks after every iteration of both
+    stages, and only rank 0 writes files (checkpoints, states, export, figures, logs: every write
+    through atomic_write or Python's open is recorded per rank by tests/hooked_run.py)."""
+    name = names('pytest_ddp_issr')
+    edsr = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 2, 'upscale': SCALE,
+            'res_scale': 1}
+    extra = {'network_g': edsr, 'train.total_iter': 24, 'logger.save_checkpoint_freq': 10, 'logger.print_freq': 5,
+             'datasets.train.batch_size_per_gpu': 1,
+             'pruning': {'method': 'iss_r', 'prune_ratio': 0.9, 'alpha': 0.9, 'check_freq': 5, 'max_prune_iter': 15,
+                         'macs_input_size': [16, 16]}}
+    write_options(tmp_path / 'ddp.yml', name, data, model_type='ISSPModel', extra=extra)
+    record = tmp_path / 'record'
+    run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+         *hooked(record, 'fmpsr/train.py', '-opt', tmp_path / 'ddp.yml', '--launcher', 'pytorch')[1:]], timeout=400)
+    rank0, rank1 = recorded_iters(record, 0), recorded_iters(record, 1)
+    assert [i for i, _, _ in rank0] == list(range(1, 25))
+    assert rank0 == rank1                                    # same weights and masks on both ranks, every step
+    assert rank0[0][1] == 'prune' and rank0[-1][1] == 'finetune'
+    outputs = [osp.join(ROOT, d) + os.sep for d in ('experiments', 'results', 'tb_logger')]
+    written = {r: [p for p in recorded_opens(record, r) if p.startswith(tuple(outputs))] for r in (0, 1)}
+    assert written[1] == [] and not osp.exists(osp.join(str(record), 'writes.txt.rank1')), written[1][:5]
+    with open(osp.join(str(record), 'writes.txt.rank0')) as f:
+        atomic = {osp.relpath(line.strip(), experiment(name)) for line in f if line.strip()}
+    assert {'models/net_g_10.pth', 'training_states/10.state', 'export/net_g.safetensors'} <= atomic
+    assert any(p.endswith('.log') for p in written[0])      # the hook does see rank 0's writes
+    exp = experiment(name)
+    logs = [f for f in os.listdir(exp) if f.endswith('.log')]
+    assert len(logs) == 1, logs                              # one log file, rank 0's
+    with open(osp.join(exp, logs[0])) as f:
+        text = f.read()
+    assert text.count('Start training from epoch: 0, iter: 0') == 1  # each line once: no second rank logged
 
 
 # ---------------------------------------------------------------- masks and criteria
@@ -591,13 +619,9 @@ def test_bad_option_stops_train_py_before_touching_the_experiment_folder(tmp_pat
     os.makedirs(exp)
     with open(osp.join(exp, 'precious.txt'), 'w') as f:
         f.write('saved earlier')
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
-    result = subprocess.run([sys.executable, 'fmpsr/train.py', '-opt', str(yml)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith('fmpsr: error: pruning: unknown key(s) ') and "['lamda_c']" in last, result.stderr
-    assert 'Traceback' not in result.stderr
+    result = run_failing([sys.executable, 'fmpsr/train.py', '-opt', str(yml)])
+    line = assert_one_line_error(result, 'fmpsr: error: pruning: unknown key(s) ')
+    assert "['lamda_c']" in line
     assert os.listdir(exp) == ['precious.txt']  # not renamed to *_archived_*, nothing written
     assert not [d for d in os.listdir(osp.join(ROOT, 'experiments')) if d.startswith(f'{name}_archived')]
 
