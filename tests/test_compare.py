@@ -92,8 +92,13 @@ def lsrb():
 def test_budget_keys_of_fmp_and_lth(lsrb):
     backbone = lsrb
     keys = fmp_keys(BudgetContext('FMP', backbone, 'macs', 0.3, 0.01, {'weight_share': 0.25}))
-    assert keys['criterion'] == 'total' and keys['metric'] == 'flops'
+    # total_fixed by default: each part stops at its own target, so weight_share is the split reached
+    assert keys['criterion'] == 'total_fixed' and keys['metric'] == 'flops'
     assert keys['gamma_c'] + keys['gamma_w'] == pytest.approx(0.7) and keys['gamma_w'] == pytest.approx(0.175)
+    raced = fmp_keys(BudgetContext('FMP', backbone, 'macs', 0.3, 0.01, {'weight_share': 0.25, 'criterion': 'total'}))
+    assert raced == dict(keys, criterion='total')
+    with pytest.raises(ValueError, match='criterion'):
+        fmp_keys(BudgetContext('FMP', backbone, 'macs', 0.3, 0.01, {'criterion': 'weight'}))
     with pytest.raises(ValueError, match='params budget'):
         lth_keys(BudgetContext('LTH', backbone, 'macs', 0.3, 0.01, {}))
     keys = lth_keys(BudgetContext('LTH', backbone, 'params', 0.3, 0.01, {'pruning': {'rounds': 3}}))
@@ -134,9 +139,10 @@ def test_methods_missing_from_this_fmpsr_are_refused_by_name(tmp_path, data, mon
     monkeypatch.setitem(compare_methods.METHODS, 'Future', MethodEntry('FutureModel', fmp_keys, 'future'))
     with pytest.raises(MethodNotAvailable, match="'FutureModel'.*not registered"):
         Preset(tiny_preset(tmp_path, data, name, methods={'FMP': {}, 'Future': {}}), ROOT)
-    # the CLI says so and exits 1, before any folder is made
+    # the CLI says so in one line and exits 2, before any folder is made
     result = run_cli(['-opt', tiny_preset(tmp_path, data, name, methods={'NoSuchMethod': {}})], check=False)
-    assert result.returncode == 1 and 'NoSuchMethod' in result.stderr
+    assert result.returncode == 2 and 'NoSuchMethod' in result.stderr
+    assert result.stderr.strip().startswith('compare: error: ') and result.stderr.strip().count('\n') == 0
     assert not osp.exists(osp.join(ROOT, 'results', 'compare', name))
 
 
@@ -152,6 +158,83 @@ def test_bad_presets_are_refused_with_the_key(tmp_path, data, key, value, messag
     path = tiny_preset(tmp_path, data, 'cmp_bad', **{key: value})
     with pytest.raises(PresetError, match=message.replace('.', r'\.')):
         Preset(path, ROOT).method_cells()
+
+
+# ---- equal terms: fine-tune schedules, starts, indicator form ----
+PRESETS = ['tiny', 'cpu_demo', 'paper_x4']
+
+
+def preset_with_data(tmp_path, data, preset_name):
+    """A copy of options/compare/<preset_name>.yml reading the test's images (so it passes the checks)."""
+    preset = yaml.safe_load(open(osp.join(ROOT, 'options', 'compare', f'{preset_name}.yml')))
+    preset['name'] = f'eq_{preset_name}'
+    preset['datasets']['train'].update(dataroot_gt=str(data / 'train/HR'), dataroot_lq=str(data / 'train/LR'))
+    preset['datasets']['test'] = {'val': {'dataroot_gt': str(data / 'val/HR'), 'dataroot_lq': str(data / 'val/LR')}}
+    path = tmp_path / f'{preset_name}.yml'
+    path.write_text(yaml.safe_dump(preset))
+    return Preset(str(path), ROOT)
+
+
+@pytest.mark.parametrize('preset_name', PRESETS)
+def test_every_method_fine_tunes_like_the_scratch_baselines(tmp_path, data, preset_name):
+    """Same lr and one complete cosine down to the same eta_min: after any switch for the methods, over the
+    whole run for scratch (the old presets fine-tuned at half the scratch lr, or cut the cosine at total_iter)."""
+    from fmpsr.compare.report import finetune_schedule
+    from fmpsr.compare.preset import Cell
+    preset = preset_with_data(tmp_path, data, preset_name)
+    cells = preset.method_cells()
+    preset.check_cell_options(cells)
+    total = preset.total_iter
+    scratch = Cell('s', 'scratch', 0.5, 0, preset.scratch_options('s', 0, preset.opt['network_g']),
+                   baseline='same_widths')
+    reference = finetune_schedule(scratch, total, None)
+    assert reference['prune_iterations'] == 0 and reference['finetune_iterations'] == total
+    for cell in cells:
+        for switch in (1, total // 3, total - 2):
+            got = finetune_schedule(cell, total, switch)
+            assert got['finetune_iterations'] == total - switch
+            if switch < total - 2:   # (a 2-iteration cosine is half-way down at its first iteration)
+                assert got['finetune_lr_start'] == pytest.approx(reference['finetune_lr_start'], rel=5e-3), cell.name
+            assert got['finetune_lr_end'] == pytest.approx(reference['finetune_lr_end'], rel=1e-9), cell.name
+    eta_min = preset.opt['scratch']['train']['scheduler']['eta_min']
+    assert reference['finetune_lr_end'] == pytest.approx(eta_min, rel=1e-9)
+
+
+def test_paper_preset_gives_fmp_the_indicator_form_of_the_paper_option_files(tmp_path, data):
+    from fmpsr.models.fmp_model import FMPModel
+    preset = preset_with_data(tmp_path, data, 'paper_x4')
+    cell = next(c for c in preset.method_cells() if c.method == 'FMP')
+    got = FMPModel.check_options(dict(cell.options, is_train=True))
+    paper = yaml.safe_load(open(osp.join(ROOT, 'options', 'fmp_lsrb_x4.yml')))
+    want = FMPModel.check_options(dict(paper, is_train=True))
+    for key in ('indicator_update', 'lambda_w', 'weight_reg', 'weight_reg_reduction', 'weight_lr_mult', 'lambda_c'):
+        assert getattr(got, key) == getattr(want, key), key
+    assert want.indicator_update == 'proximal' and want.weight_reg_reduction == 'sum'
+
+
+def test_lr_at_equals_basicsr_schedulers_stepped():
+    from basicsr.models.lr_scheduler import CosineAnnealingRestartLR, MultiStepRestartLR
+    from fmpsr.compare.report import lr_at
+    for kind, options, cls in [
+            ('CosineAnnealingRestartLR', {'periods': [7, 5], 'restart_weights': [1, 0.5], 'eta_min': 1e-5},
+             CosineAnnealingRestartLR),
+            ('MultiStepLR', {'milestones': [3, 3, 8], 'gamma': 0.5}, MultiStepRestartLR)]:
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+        scheduler = cls(optimizer, **options)
+        for step in range(12):
+            assert lr_at(1e-3, dict(options, type=kind), step) == pytest.approx(optimizer.param_groups[0]['lr'],
+                                                                                rel=1e-12), (kind, step)
+            optimizer.step()
+            scheduler.step()
+
+
+def test_report_says_what_every_cell_starts_from(tmp_path, data):
+    from fmpsr.compare.report import start_line
+    preset = preset_with_data(tmp_path, data, 'cpu_demo')
+    line = start_line(preset)
+    assert 'random initialisation' in line and 'prune a pretrained network in their papers' in line, line
+    named = line.split('same for all. ')[1].split(' prune a pretrained')[0]
+    assert sorted(named.split(', ')) == ['ASSL', 'L1-norm', 'SRP']
 
 
 # ---- report helpers ----
@@ -238,6 +321,15 @@ def test_tiny_preset_end_to_end_recounted_and_not_rerun(tiny_run, capsys):
         metrics = json.load(open(osp.join(ROOT, 'results', f'cmp_{name}_{r["cell"]}_test', 'metrics.json')))
         assert r['test'] == {'tiny_val': metrics['tiny_val']}
         assert r['iterations'] == r['total_iter'] == 40       # the same training length for every cell
+        # the last stage's schedule: a method's fine-tune after its switch, a scratch run's whole run; both
+        # anneal to the preset's eta_min at iteration 40, from the same lr
+        schedule = r['schedule']
+        switch = 0 if r['kind'] == 'scratch' else r['prune_iterations']
+        assert schedule['prune_iterations'] == switch and schedule['finetune_iterations'] == 40 - switch
+        assert schedule['finetune_lr_end'] == pytest.approx(1e-5, rel=1e-9)
+        assert r['start'] == 'random initialisation'
+        if r['kind'] == 'method':
+            assert set(r['search']['selection']['groups']) >= {'stream'}
         assert f"{counts['params_nonzero'] / 1e3:,.1f} K" in report and f"{metrics['tiny_val']['psnr']:.2f}" in report
         opt = yaml.safe_load(open(osp.join(out, 'options', f'{r["cell"]}.yml')))
         assert opt['manual_seed'] == 0 and opt['train']['total_iter'] == 40
@@ -254,6 +346,7 @@ def test_tiny_preset_end_to_end_recounted_and_not_rerun(tiny_run, capsys):
         um = by_cell[f'scratch-uniform_macs-FMP-params{t}-s0']['reached']['macs_dense']
         assert abs(up / fmp['reached']['params_nonzero'] - 1) <= 0.02
         assert abs(um / fmp['reached']['macs_nonzero'] - 1) <= 0.02
+    assert 'fine-tune: iterations (lr start → end)' in report and 'random initialisation' in report
     for figure in ('psnr_vs_params', 'psnr_vs_macs', 'widths', 'kept_vs_iter'):
         with open(osp.join(out, 'figures', f'{figure}.png'), 'rb') as f:
             assert f.read(8) == b'\x89PNG\r\n\x1a\n'

@@ -33,12 +33,12 @@ def lsrb_opt(num_feat=16, num_block=2, esa_channels=8, upscale=3, **extra):
                 upscale=upscale, **extra)
 
 
-def make_hyper(opt, seed=0, embed_dim=8, randomize=True):
+def make_hyper(opt, seed=0, embed_dim=8, randomize=True, init='plain'):
     """HyperNetwork over a fresh LSRB built from ``opt``; B0..B2, conv biases and weight indicators
     randomised so that a zero z entry does not give a zero weight."""
     torch.manual_seed(seed)
     net = build_network(dict(opt))
-    hyper = HyperNetwork(net, build_grouping(net, opt), embed_dim=embed_dim)
+    hyper = HyperNetwork(net, build_grouping(net, opt), embed_dim=embed_dim, init=init)
     if randomize:
         with torch.no_grad():
             for _, conv in hyper.hyper_convs():
@@ -276,7 +276,8 @@ def test_hypernetwork_parameter_count(name, k):
 
 
 def test_hypernetwork_dhp_init():
-    hyper = make_hyper(lsrb_opt(num_feat=24, num_block=1, esa_channels=8), seed=0, randomize=False)
+    """``init='dhp'``: DHP's draw (the default ``init='plain'`` is tested in test_fmp_search.py)."""
+    hyper = make_hyper(lsrb_opt(num_feat=24, num_block=1, esa_channels=8), seed=0, randomize=False, init='dhp')
     conv = hyper.net.body[0].conv2
     m, c_in, k = 8, conv.in_channels, 9
     for p in (conv.b0, conv.b1, conv.b2):

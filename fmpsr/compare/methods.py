@@ -9,9 +9,13 @@ not in the tree yet) stays in the table; a preset that asks for it is refused wi
 Budget functions take a :class:`BudgetContext` and return the ``pruning`` keys that drive the method
 to the budget (they override the preset's keys of the same name):
 
-* FMP: criterion ``total`` with ``gamma_c + gamma_w = 1 - budget`` (FMP Sec. 4.4; the split is the
-  preset's ``weight_share``: ``gamma_w = weight_share * (1 - budget)``), or with ``criterion:
-  keep_ratio`` DHP's rule at the budget;
+* FMP: ``gamma_c + gamma_w = 1 - budget`` with ``gamma_w = weight_share * (1 - budget)`` (FMP Sec. 4.4).
+  The default criterion ``total_fixed`` stops each part at its own target, so the run reaches the
+  split that ``weight_share`` asks for (up to the channel step ``max_overshoot`` allows). With the
+  setting ``criterion: total`` only the sum is a target and the split is whatever the two pruning
+  rates give (a race: weights took 2.7 % of the budget in one run and all of it in another), so
+  ``weight_share`` then sets only the starting targets, not the split reached. ``criterion:
+  keep_ratio``: DHP's rule at the budget;
 * DHP: criterion ``keep_ratio`` with ``keep_ratio = budget`` and ``keep_tolerance`` = the budget
   tolerance (DHP's own 0.02 is wider than the comparison's +-1 %);
 * SRP, ASSL, L1-norm (``ratio``: ``ceil(r * C)`` channels removed from every pruned group): r found by
@@ -101,20 +105,29 @@ def _round(x):
 
 
 def fmp_keys(ctx):
-    """FMP: criterion 'total', gamma_c + gamma_w = 1 - target (split by ``weight_share``, default 0.2);
-    with the setting ``criterion: keep_ratio``, DHP's stopping rule at the target (as
-    options/edsr/fmp_edsr_x4_keep*.yml)."""
-    criterion = ctx.settings.get('criterion', 'total')
+    """FMP: gamma_c + gamma_w = 1 - target, gamma_w = ``weight_share`` * (1 - target) (default share 0.2).
+
+    The setting ``criterion`` (default 'total_fixed') decides whether that split is the one reached:
+    'total_fixed' stops channel and weight pruning each at its own target, so it is (FMP Sec. 4.4, "Total
+    Fixed"); 'total' stops when their sum reaches 1 - target, whichever part gets there first, so the split
+    is a race between the two pruning rates and ``weight_share`` does not set it; 'keep_ratio' is DHP's
+    stopping rule at the target (as options/edsr/fmp_edsr_x4_keep*.yml).
+
+    Raises:
+        ValueError: another criterion, or ``weight_share`` not a fraction in [0, 1).
+    """
+    criterion = ctx.settings.get('criterion', 'total_fixed')
     if criterion == 'keep_ratio':
         return keep_ratio_keys(ctx)
-    if criterion != 'total':
-        raise ValueError(f"methods.{ctx.method}.criterion must be 'total' or 'keep_ratio', got {criterion!r}")
+    if criterion not in ('total', 'total_fixed'):
+        raise ValueError(f"methods.{ctx.method}.criterion must be 'total_fixed', 'total' or 'keep_ratio', "
+                         f"got {criterion!r}")
     share = ctx.settings.get('weight_share', 0.2)
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
         raise ValueError(f'methods.{ctx.method}.weight_share must be a fraction in [0, 1), got {share!r}')
     pruned = 1.0 - ctx.target
     gamma_w = _round(pruned * share)
-    return {'metric': pruning_metric(ctx.metric), 'criterion': 'total', 'gamma_c': _round(pruned - gamma_w),
+    return {'metric': pruning_metric(ctx.metric), 'criterion': criterion, 'gamma_c': _round(pruned - gamma_w),
             'gamma_w': gamma_w}
 
 
@@ -248,6 +261,10 @@ def variant(keys, **fixed):
     budget_keys.__doc__ = f'{keys.__name__} with {fixed}'
     return budget_keys
 
+
+#: methods whose papers prune a pretrained dense network (the comparison starts every cell from random
+#: weights, which the report says for these)
+PRETRAINED_IN_PAPER = ('SRP', 'ASSL', 'L1-norm')
 
 #: method name -> entry. One line adds a method to the comparison.
 METHODS = {

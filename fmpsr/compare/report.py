@@ -48,6 +48,65 @@ def trained_iterations(exp_dir):
     return max(iters) if iters else None
 
 
+def lr_at(base_lr, scheduler_opt, step):
+    """The lr of BasicSR's scheduler ``scheduler_opt`` (``periods`` resolved) after ``step`` steps, in
+    closed form (float), or None for a form this does not know (restarts of MultiStepRestartLR, a step
+    beyond the cosine's periods, another type).
+
+    ``MultiStepLR`` / ``MultiStepRestartLR`` (restarts [0]): base * gamma ** (milestones <= step, counted
+    with repeats); ``CosineAnnealingRestartLR``: eta_min + w * (base - eta_min) * (1 + cos(pi * t / period)) / 2
+    in the period holding ``step`` (t the steps since its start, w its restart weight).
+    """
+    kind = scheduler_opt.get('type')
+    if kind in ('MultiStepLR', 'MultiStepRestartLR'):
+        if list(scheduler_opt.get('restarts', [0])) != [0]:
+            return None
+        gamma = scheduler_opt.get('gamma', 0.1)
+        return base_lr * gamma ** sum(1 for m in scheduler_opt.get('milestones', []) if m <= step)
+    if kind == 'CosineAnnealingRestartLR':
+        periods = list(scheduler_opt['periods'])
+        weights = list(scheduler_opt.get('restart_weights', [1]))
+        eta_min = scheduler_opt.get('eta_min', 0)
+        start = 0
+        for period, weight in zip(periods, weights):
+            if step <= start + period:
+                return eta_min + weight * 0.5 * (base_lr - eta_min) * (1 + math.cos(math.pi * (step - start) / period))
+            start += period
+    return None
+
+
+def finetune_schedule(cell, total_iter, switch_iter):
+    """What a cell's last stage trained with: a method's fine-tune after its switch, or a scratch baseline's
+    whole run.
+
+    Returns:
+        dict: ``prune_iterations`` (the switch iteration; 0 for scratch), ``finetune_iterations``
+        (``total_iter`` minus it), ``finetune_lr_start`` / ``finetune_lr_end`` (the lr of the stage's first
+        and last iteration, from the cell's options and BasicSR's stepping:
+        :func:`fmpsr.models.pruned_sr_model.scheduler_steps_left`; None where unknown).
+    """
+    from fmpsr.models.pruned_sr_model import resolve_scheduler, scheduler_steps_left
+
+    train = cell.options.get('train') or {}
+    start = 0 if cell.is_scratch else switch_iter
+    if start is None:
+        return {'prune_iterations': None, 'finetune_iterations': None, 'finetune_lr_start': None,
+                'finetune_lr_end': None}
+    stage = {} if cell.is_scratch else (train.get('finetune') or {})
+    optim = stage.get('optim_g') or train.get('optim_g') or {}
+    try:
+        scheduler = resolve_scheduler(stage.get('scheduler') or train.get('scheduler') or {}, total_iter, start)
+    except ValueError:
+        scheduler = {}
+    base = optim.get('lr')
+    first = 0 if start == 0 else 1      # a scheduler built before iteration 1 is first stepped at iteration 2
+    last = scheduler_steps_left(total_iter, start)
+    lr_start = lr_at(base, scheduler, first) if base is not None else None
+    lr_end = lr_at(base, scheduler, last) if base is not None else None
+    return {'prune_iterations': start, 'finetune_iterations': total_iter - start,
+            'finetune_lr_start': lr_start, 'finetune_lr_end': lr_end}
+
+
 def cell_record(preset, cell, runner, original):
     """The ``results.jsonl`` line of a finished cell (see the module docstring)."""
     from .recount import recount_export
@@ -79,7 +138,11 @@ def cell_record(preset, cell, runner, original):
         test={name: {k: float(v) for k, v in metrics[name].items()} for name in preset.test_sets},
         iterations=trained_iterations(runner.exp_dir(cell)), total_iter=preset.total_iter,
         prune_iterations=pruning.get('switch_iter'),
+        schedule=finetune_schedule(cell, preset.total_iter, pruning.get('switch_iter')),
+        start='random initialisation' if not (cell.options.get('path') or {}).get('pretrain_network_g')
+        else cell.options['path']['pretrain_network_g'],
         converged=(pruning.get('ratios') or {}).get('converged'),
+        search=pruning.get('search'),
         wall_time_s={k: round(v, 1) for k, v in timing.items()} or None,
         pruning={k: v for k, v in (cell.options.get('pruning') or {}).items() if k != 'macs_input_size'} or None,
         match=cell.match or None, network_g=pruning.get('network_g'), widths=counts['widths'],
@@ -116,6 +179,7 @@ def summarize(records, test_sets):
         entry['kept'] = mean_std([r['kept'] for r in rs])[0]
         entry['iterations'] = sorted({r['iterations'] for r in rs}, key=lambda v: (v is None, v))
         entry['prune_iterations'] = [r['prune_iterations'] for r in rs]
+        entry['schedules'] = [r.get('schedule') or {} for r in rs]
         for metric in ('psnr', 'ssim'):
             entry[metric] = {t: mean_std([r['test'][t][metric] for r in rs]) for t in test_sets
                              if all(metric in r['test'].get(t, {}) for r in rs)}
@@ -184,6 +248,9 @@ def markdown(preset, records, skipped=()):
         lines.append(f'- Scratch baselines (random init, same iterations) of {", ".join(s["reference"])}: '
                      f'{", ".join(s["baselines"])}; uniform widths matched to the reference\'s {s["match"]} '
                      f'params / MACs within ±{s["tolerance"]:.0%}.')
+    lines.append(start_line(preset))
+    lines.append('- "fine-tune": the iterations after a method\'s switch (a scratch baseline: its whole run) and the '
+                 'lr of their first and last iteration, per seed.')
     if len(seeds) > 1:
         lines.append('- Mean ± sample std over seeds; **bold**: best mean PSNR of the budget; `~`: difference to the '
                      'best smaller than the larger spread (a tie).')
@@ -193,7 +260,7 @@ def markdown(preset, records, skipped=()):
     for target in sorted({t for _, t in summary}, reverse=True):
         lines += [f'## Budget: {target:.0%} of the {preset.metric} kept', '']
         head = ['method', 'n', 'params (nonzero / dense)', 'MACs (nonzero / dense)', f'kept {preset.metric}',
-                'within', 'iterations (prune)']
+                'within', 'iterations (prune)', 'fine-tune: iterations (lr start → end)']
         head += [f'{t} PSNR' for t in tests] + [f'{t} SSIM' for t in tests]
         lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         for (label, tg), e in summary.items():
@@ -202,7 +269,8 @@ def markdown(preset, records, skipped=()):
             prune = ', '.join(str(p) for p in e['prune_iterations'] if p is not None) or '-'
             row = [label, str(e['n']), f"{_num(e['params_nonzero'], 'K')} / {_num(e['params_dense'], 'K')}",
                    f"{_num(e['macs_nonzero'], 'G')} / {_num(e['macs_dense'], 'G')}", f"{e['kept']:.2%}",
-                   'yes' if e['within'] else '**no**', f"{', '.join(str(i) for i in e['iterations'])} ({prune})"]
+                   'yes' if e['within'] else '**no**', f"{', '.join(str(i) for i in e['iterations'])} ({prune})",
+                   schedule_text(e['schedules'])]
             for t in tests:
                 cell = _fmt(e['psnr'][t], 2) if t in e['psnr'] else '-'
                 mark = marks.get((label, tg, t), '')
@@ -231,6 +299,28 @@ def markdown(preset, records, skipped=()):
         lines += [f'![{title}](figures/{key}.png)', '']
     lines += ['Per-cell facts (counts, PSNR / SSIM, iterations, wall time, seed, widths): `results.jsonl`.', '']
     return '\n'.join(lines)
+
+
+def schedule_text(schedules):
+    """``"<fine-tune iterations> (<lr start> → <lr end>)"`` per distinct schedule of a table entry."""
+    def lr(v):
+        return '?' if v is None else f'{v:.1e}'
+    texts = [f"{s.get('finetune_iterations', '?')} "
+             f"({lr(s.get('finetune_lr_start'))} → {lr(s.get('finetune_lr_end'))})" for s in schedules if s]
+    return ', '.join(dict.fromkeys(texts)) or '-'
+
+
+def start_line(preset):
+    """The report line that says what every cell starts from."""
+    from .methods import PRETRAINED_IN_PAPER
+    named = [m for m in preset.methods if m in PRETRAINED_IN_PAPER]
+    text = ('- Every cell starts from a random initialisation (`path.pretrain_network_g` is null): no dense '
+            'network is trained first, and the budget of iterations is the same for all.')
+    if named:
+        text += (f' {", ".join(named)} prune a pretrained network in their papers; here they select from the '
+                 'network of their first iterations, so their numbers are those of an equal-iterations '
+                 'comparison, not of the published setting.')
+    return text
 
 
 def _style(label):

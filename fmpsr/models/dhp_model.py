@@ -39,6 +39,11 @@ script ``scripts/dhp/dhp_edsr.sh``):
   paper gives no value; fmpsr applies it to the hypernetwork parameters only, never to the channel
   vectors (whose L1 term is the proximal step) or the weight indicators, where DHP's optimiser
   would decay every parameter.
+* Initialisation. DHP's code draws z ~ N(0, 1) (and W2 giving 3x PyTorch's conv variance); with one
+  vector along the residual stream the untrained network's output is up to 1e4x the plain network's,
+  and at a strong ``lambda_c`` the kept set is the initial |z| ranking. fmpsr's default
+  (``pruning.hyper_init: plain``, :class:`fmpsr.pruning.hypernet.HyperNetwork`) starts at the plain
+  network's initialised scale with every z = 1; ``hyper_init: dhp`` is DHP's draw.
 * Known faults of the release not repeated: its EDSR search forward does not chain the residual
   blocks (each block reads the head output), masks are created on CUDA only, there is no export to a
   plain network and no DDP.

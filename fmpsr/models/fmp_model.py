@@ -177,7 +177,7 @@ class FMPModel(PruningModel):
         grouping = build_grouping(plain, network_opt, self.config.grouping, example, self.config.tie_outputs,
                                   exclude=self.config.exclude)
         latency = self.latency_table(plain, in_ch, grouping)  # before HyperNetwork converts plain's convs in place
-        hyper = HyperNetwork(plain, grouping, self.config.embed_dim)
+        hyper = HyperNetwork(plain, grouping, self.config.embed_dim, init=self.config.hyper_init)
         if not self.config.weight_indicators:  # DHP: Z_W fixed at one
             for bank in hyper.banks:
                 bank.weight_indicator.requires_grad_(False)
@@ -304,6 +304,7 @@ class FMPModel(PruningModel):
         l_total = l_total + loss_dict['l_reg_w']
         self.check_finite(l_total, current_iter)
         l_total.backward()
+        self.pruner.accumulate_importance()  # the selection diagnostic's Taylor importance
         for optimizer in self.optimizers:
             optimizer.step()
         self.pruner.proximal_step(self.channel_lr())
@@ -327,8 +328,29 @@ class FMPModel(PruningModel):
         return f'the {c.criterion} target (gamma_c={c.gamma_c}, gamma_w={c.gamma_w}, metric {c.metric})'
 
     def finalize_network(self):
-        """The compact network sliced from the hypernetwork (:func:`fmpsr.pruning.finalize`)."""
+        """The compact network sliced from the hypernetwork (:func:`fmpsr.pruning.finalize`); first the
+        selection diagnostic goes to the log and to ``pruning.json`` (:meth:`log_selection`)."""
+        self.log_selection()
         return finalize(self.hypernetwork, build_network, self.opt['network_g'])
+
+    def log_selection(self):
+        """At the end of the prune stage: per channel group, how well the initial |z| and the accumulated
+        Taylor importance ``sum |dL/dz * z|`` predict the kept channels (AUC, :mod:`fmpsr.pruning.diagnostics`),
+        into the log and into ``search_info['selection']`` (written to ``pruning.json``). An initial-|z|
+        AUC near 1 means the draw, not the data, chose the channels (e.g. ``lambda_c`` >= 1 under Adam:
+        each step moves z by about one lr whatever the gradient, and the shrink lr * lambda_c outweighs it)."""
+        report = self.pruner.selection_report()
+        self.search_info['selection'] = report
+
+        def text(value):
+            return 'n/a' if value is None else f'{value:.3f}'
+        rows = '; '.join(f'{name}: {text(row["auc_initial_magnitude"])} / {text(row["auc_importance"])} '
+                         f'(kept {row["kept"]}/{row["size"]})' for name, row in report['groups'].items())
+        mean = report['mean']
+        get_root_logger().info(
+            f'Selection diagnostic, AUC of "kept" against initial |z| / accumulated |dL/dz * z| per group '
+            f'(1: ranks every kept channel above every pruned one; 0.5: no relation or equal scores): {rows}; '
+            f'size-weighted mean {text(mean["auc_initial_magnitude"])} / {text(mean["auc_importance"])}')
 
     def release_prune_state(self):
         del self.pruner

@@ -17,6 +17,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from fmpsr.compat import safe_torch_load
 from fmpsr.pruning import apply_weight_masks, get_weight_masks, plain_state_dict
 from fmpsr.pruning.export import MASKS_FILE, atomic_write, load_state, read_network_options, write_json
+from fmpsr.pruning.untrusted import check_network_opt
 
 
 def load_checkpoint(path):
@@ -43,8 +44,75 @@ def load_checkpoint(path):
                 'weight_masks': load_state(mask_path) if os.path.isfile(mask_path) else None}
     raw = safe_torch_load(path, map_location='cpu', what='network checkpoint')
     compact = raw.get('fmp_compact') or {}
+    network_opt = compact.get('network_g')
+    if network_opt:  # options from a file: only archs fmpsr exports, plain bounded arguments
+        network_opt = check_network_opt(network_opt, path, 'fmp_compact.network_g')
     return {'params': raw.get('params', raw), 'params_ema': raw.get('params_ema'),
-            'network_g': compact.get('network_g'), 'weight_masks': compact.get('weight_masks'), 'raw': raw}
+            'network_g': network_opt, 'weight_masks': compact.get('weight_masks'), 'raw': raw}
+
+
+REMAINING = 'remaining'
+
+
+def resolve_scheduler(scheduler_opt, total_iter, start_iter=0):
+    """A copy of BasicSR's ``scheduler`` options with ``periods: remaining`` resolved.
+
+    ``CosineAnnealingRestartLR`` with ``periods: remaining`` anneals once, from the optimiser's lr to
+    ``eta_min``, over the scheduler steps left (:func:`scheduler_steps_left`), so that the lr of
+    iteration ``total_iter`` is exactly ``eta_min``. The pruning
+    methods build their fine-tune scheduler at the switch with ``start_iter`` = the switch iteration
+    (:meth:`fmpsr.models.pruning_model.PruningModel.scheduler_start_iter`), so every method's
+    fine-tune gets a complete anneal however long its prune stage ran; the periods are stored in the
+    scheduler's state, so a resumed run keeps them.
+
+    Args:
+        scheduler_opt (dict): ``{type, ...}`` as in ``train.scheduler``.
+        total_iter (int): ``train.total_iter``.
+        start_iter (int): the iteration at which the scheduler is built (0 at the start of a run).
+
+    Returns:
+        dict: the options, ``periods`` a list of ints (the input is not modified).
+
+    Raises:
+        ValueError: ``periods: remaining`` with another scheduler type, with ``restart_weights`` of
+            more than one entry, or with no iteration left.
+    """
+    scheduler_opt = copy.deepcopy(dict(scheduler_opt))
+    if scheduler_opt.get('periods') != REMAINING:
+        return scheduler_opt
+    check_remaining(scheduler_opt)
+    left = scheduler_steps_left(total_iter, start_iter)
+    if left < 1:
+        raise ValueError(f'scheduler periods: remaining, but no iteration is left (train.total_iter {total_iter}, '
+                         f'scheduler built at iteration {start_iter})')
+    scheduler_opt['periods'] = [left]
+    return scheduler_opt
+
+
+def scheduler_steps_left(total_iter, start_iter=0):
+    """How often a scheduler built at ``start_iter`` is stepped until ``total_iter`` (int).
+
+    BasicSR's loop calls ``update_learning_rate(i)`` at the start of every iteration i and steps the
+    schedulers there for i > 1. A scheduler built before the run (``start_iter`` 0) is stepped at
+    iterations 2..total_iter (``total_iter - 1`` times); one built during iteration s >= 1 (the switch of
+    a pruning method) at s+1..total_iter (``total_iter - s`` times). Its step count at iteration i is
+    then ``i - max(start_iter, 1)``.
+    """
+    return int(total_iter) - max(int(start_iter or 0), 1)
+
+
+def check_remaining(scheduler_opt, where='scheduler'):
+    """Raise ValueError (naming ``where``) when ``periods: remaining`` is given where it cannot apply:
+    a scheduler other than CosineAnnealingRestartLR, or more than one restart weight."""
+    if not isinstance(scheduler_opt, dict) or scheduler_opt.get('periods') != REMAINING:
+        return
+    if scheduler_opt.get('type') != 'CosineAnnealingRestartLR':
+        raise ValueError(f"{where}.periods: remaining applies to type CosineAnnealingRestartLR, got "
+                         f"{scheduler_opt.get('type')!r}")
+    weights = scheduler_opt.get('restart_weights', [1])
+    if not isinstance(weights, (list, tuple)) or len(weights) != 1:
+        raise ValueError(f'{where}.periods: remaining is one period: restart_weights must have one entry, '
+                         f'got {weights!r}')
 
 
 def check_ema_decay(opt):
@@ -94,6 +162,9 @@ class PrunedSRModel(SRModel):
         check_scale(opt)
         if opt.get('is_train'):
             check_ema_decay(opt)
+            train = opt.get('train') or {}
+            check_remaining(train.get('scheduler'), 'train.scheduler')
+            check_remaining((train.get('finetune') or {}).get('scheduler'), 'train.finetune.scheduler')
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
@@ -200,10 +271,16 @@ class PrunedSRModel(SRModel):
         self.optimizer_g = self.get_optimizer(optim_type, params, **optim_opt)
         self.optimizers = [self.optimizer_g]
 
+    def scheduler_start_iter(self):
+        """The iteration at which schedulers built now start counting (0; pruning methods: the switch)."""
+        return 0
+
     def setup_schedulers(self, scheduler_opt=None):
-        """BasicSR's schedulers, without consuming the options (they may be needed twice)."""
+        """BasicSR's schedulers, without consuming the options (they may be needed twice);
+        ``periods: remaining`` is resolved here (:func:`resolve_scheduler`)."""
         saved = self.opt['train']['scheduler']
-        self.opt['train']['scheduler'] = copy.deepcopy(scheduler_opt or saved)
+        self.opt['train']['scheduler'] = resolve_scheduler(scheduler_opt or saved, self.opt['train']['total_iter'],
+                                                           self.scheduler_start_iter())
         self.schedulers = []
         try:
             super().setup_schedulers()

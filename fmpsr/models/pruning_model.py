@@ -10,8 +10,9 @@ turns the result into a compact network. Everything else is here, once:
 2. The switch (at convergence, or at ``pruning.max_prune_iter`` with a warning):
    :meth:`PruningModel.finalize_network` gives the compact plain network, its ``network_g`` options
    and weight masks; the optimiser and scheduler are built anew (``train.finetune`` may override
-   ``optim_g`` / ``scheduler``; its scheduler counts from the switch); a checkpoint is written at the
-   switch itself, so a crash never repeats it.
+   ``optim_g`` / ``scheduler``; its scheduler counts from the switch, and ``periods: remaining``
+   gives a cosine over the iterations left, :func:`~fmpsr.models.pruned_sr_model.resolve_scheduler`);
+   a checkpoint is written at the switch itself, so a crash never repeats it.
 3. ``finetune``: the compact network trains with its pruned weights held at zero
    (:class:`~fmpsr.models.pruned_sr_model.PrunedSRModel`) until ``train.total_iter``. It is exported
    to ``<experiments_root>/export`` (safetensors, weight masks, ``network_g.yml``, ``pruning.json``)
@@ -122,6 +123,7 @@ class PruningModel(PrunedSRModel):
         self.config = self.check_options(opt)
         self.switch_iter = None
         self.final_ratios = None
+        self.search_info = {}   # what the prune stage says about its search (pruning.json 'search')
         self._tb = None
         load_path = self.opt['path'].get('pretrain_network_g')
         checkpoint = load_checkpoint(load_path) if load_path else None
@@ -129,6 +131,7 @@ class PruningModel(PrunedSRModel):
             self.stage = FINETUNE
             extra = checkpoint.get('raw', {}).get(STATE_KEY, {})
             self.switch_iter, self.final_ratios = extra.get('switch_iter'), extra.get('ratios')
+            self.search_info = dict(extra.get('search') or {})
             self.build_compact(checkpoint['network_g'], checkpoint, checkpoint['weight_masks'])
         else:
             self.stage = PRUNE
@@ -142,6 +145,12 @@ class PruningModel(PrunedSRModel):
             super().init_training_settings()
         else:
             self.stage_training_settings()
+
+    def scheduler_start_iter(self):
+        """0 in the prune stage; the switch iteration in the fine-tune stage, so that a fine-tune
+        scheduler with ``periods: remaining`` anneals over ``total_iter - switch_iter`` iterations
+        (:func:`~fmpsr.models.pruned_sr_model.resolve_scheduler`)."""
+        return (self.switch_iter or 0) if self.stage == FINETUNE else 0
 
     def stage_training_settings(self):
         """Optimiser and scheduler of the fine-tune stage (``train.finetune`` overrides)."""
@@ -227,6 +236,8 @@ class PruningModel(PrunedSRModel):
                 'network_g': self.compact_network_opt, 'original_network_g': self.opt.get('network_g'),
                 'ratios': self.final_ratios, 'pruning': config_dict(self.config), 'files': paths,
                 'weights': 'params_ema' if getattr(self, 'net_g_ema', None) is not None else 'params'}
+        if self.search_info:
+            info['search'] = self.search_info
         info.update(self.export_info())
         write_json(os.path.join(out_dir, 'pruning.json'), info)
         get_root_logger().info(f'Exported the compact network to {out_dir}')
@@ -255,7 +266,8 @@ class PruningModel(PrunedSRModel):
             checkpoint = self.prune_checkpoint()
         else:
             checkpoint = self.compact_checkpoint()
-            checkpoint[STATE_KEY] = {'switch_iter': self.switch_iter, 'ratios': self.final_ratios}
+            checkpoint[STATE_KEY] = {'switch_iter': self.switch_iter, 'ratios': self.final_ratios,
+                                     'search': self.search_info}
         atomic_write(path, lambda p: torch.save(checkpoint, p))
 
     def save(self, epoch, current_iter):
@@ -268,6 +280,7 @@ class PruningModel(PrunedSRModel):
     def training_state(self, epoch, current_iter):
         state = super().training_state(epoch, current_iter)
         state[STATE_KEY] = {'stage': self.stage, 'switch_iter': self.switch_iter, 'ratios': self.final_ratios,
+                            'search': self.search_info,
                             'pruner': self.prune_state() if self.stage == PRUNE else None}
         return state
 

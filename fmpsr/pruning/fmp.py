@@ -53,6 +53,7 @@ from fmpsr.losses.weight_indicator_loss import NORMS, WeightIndicatorLoss
 
 from .accounting import hypernetwork_ratios
 from .criteria import ConvergenceCriterion
+from .diagnostics import selection_diagnostics
 from .hyperconv import proximal_step_vectors_
 from .latency import latency_keys
 from .nm import check_nm, nm_mask
@@ -81,7 +82,19 @@ class FMPConfig:
         exclude (list): for 'auto': module names or globs left out of pruning (a module excludes its
             submodules); excluded convs stay plain dense convs and every channel coupled to an
             excluded module is fixed (:func:`fmpsr.pruning.coupling.auto_grouping`).
-        lambda_c (float): lambda_C, channel-vector L1 factor (FMP: 0.1).
+        lambda_c (float): lambda_C, channel-vector L1 factor (FMP: 0.1). Its meaning under Adam: the
+            proximal step shrinks every |z| by lr * lambda_C per iteration (lr of the channel vectors,
+            ``channel_lr_mult`` included), while Adam moves z by at most about one lr per iteration
+            whatever the size of the gradient. So lambda_C is the ratio of the shrink to the largest data
+            step: at lambda_C >= 1 no gradient can hold a channel, every z falls, and the kept set is the
+            one whose z started largest or fell slowest (with equal initial magnitudes, ``hyper_init:
+            plain``, still an order set by the gradients, but all channels fall within a factor
+            (lambda_C + 1) / (lambda_C - 1) of the same time); at lambda_C < 1 a channel whose gradient
+            consistently pushes |z| up survives. An unheld channel with |z| = 1 is pruned after about
+            1 / (lr * lambda_C) iterations (paper: 1e5 at lr 1e-4, lambda_C 0.1). With ``alpha`` = 0 (no
+            hypernetwork weight decay, FMP Eq. 4 / 8) the scale between z and W1 is free: at lambda_C < 1
+            every z may shrink together while W1 / W2 grow to make up for it, and no channel reaches the
+            threshold; ``alpha`` > 0 makes that growth cost something.
         lambda_w (float): lambda_W, weight-indicator regulariser factor (FMP: 0.02).
         weight_reg (str): R(Z_W): 'l1' (default), 'l2' or 'weight_decay' (FMP Eq. 7, Tab. 5).
         weight_reg_reduction (str): 'mean' (default): the loss term is lambda_W * R(Z_W) / N_W, N_W
@@ -95,6 +108,10 @@ class FMPConfig:
             a dict ``{type: SGD, lr: ..., <torch.optim kwargs>}``: Z_W gets its own optimiser (FMP
             Sec. 3.4), scheduled like ``optim_g``. ``type`` is any ``torch.optim`` class.
         embed_dim (int): hypernetwork embedding size m (DHP: 8).
+        hyper_init (str): how the hypernetwork starts (:class:`~fmpsr.pruning.hypernet.HyperNetwork`'s
+            ``init``): 'plain' (default): at the plain network's initialised scale, every channel vector
+            entry 1 (the kept set is then decided by the gradients); 'dhp': DHP's code (z ~ N(0, 1),
+            output up to 1e4x the plain network's before training).
         prune_threshold (float): |z| below which a channel is pruned (DHP: 5e-3).
         weight_threshold (float): |Z_W| below which a weight is pruned (5e-3).
         min_channels (int): channels every prunable group keeps (DHP: 4).
@@ -143,6 +160,7 @@ class FMPConfig:
     indicator_update: str = 'gradient'
     indicator_optim: dict = None
     embed_dim: int = 8
+    hyper_init: str = 'plain'
     prune_threshold: float = 5e-3
     weight_threshold: float = 5e-3
     min_channels: int = 4
@@ -191,6 +209,8 @@ class FMPConfig:
         if self.weight_reg_reduction not in ('mean', 'sum'):
             raise ValueError(f"pruning.weight_reg_reduction: unknown reduction {self.weight_reg_reduction!r} "
                              "(choose from ['mean', 'sum'])")
+        if self.hyper_init not in ('plain', 'dhp'):
+            raise ValueError(f"pruning.hyper_init: unknown init {self.hyper_init!r} (choose from ['plain', 'dhp'])")
         self.validate_indicator_update()
         self.validate_nm()
         if self.weight_reg not in WEIGHT_REGULARIZERS:
@@ -289,6 +309,50 @@ class FMPPruner:
         self.converged = False
         self.deferred_channels = 0  # channels below the threshold that the last check left (max_overshoot)
         self.ratios = hypernetwork_ratios(hyper, specs, latency)
+        # selection diagnostic (fmpsr.pruning.diagnostics): |z| at the start of the search, and the
+        # first-order Taylor importance sum_t |dL/dz_t * z_t| of every prunable channel, accumulated by
+        # accumulate_importance() while channels are searched; flat, in prunable_vectors() order
+        self.initial_magnitude = self._flat_z().abs().double().cpu()
+        self.importance = None
+
+    # ---- selection diagnostic ----
+    def _flat_z(self):
+        vectors = self.hyper.prunable_vectors()
+        if not vectors:
+            return torch.zeros(0)
+        return torch.cat([v.z.detach() for v in vectors])
+
+    @torch.no_grad()
+    def accumulate_importance(self):
+        """Add ``|dL/dz * z|`` of every prunable channel (the first-order Taylor estimate of the loss
+        change when the channel is removed) to :attr:`importance`. Call after ``backward`` and before
+        the optimiser step; a no-op once the channel part is frozen or the stage has converged, or when
+        a vector has no gradient."""
+        if self.channel_frozen or self.converged:
+            return
+        vectors = self.hyper.prunable_vectors()
+        grads = [v.z.grad for v in vectors]
+        if not vectors or any(g is None for g in grads):
+            return
+        step = (torch.cat(grads) * torch.cat([v.z.detach() for v in vectors])).abs_()
+        if self.importance is None:
+            self.importance = torch.zeros_like(step)
+        self.importance.add_(step)
+
+    def selection_report(self):
+        """:func:`~fmpsr.pruning.diagnostics.selection_diagnostics` of the current masks: per prunable
+        group, the AUC of the initial |z| and of the accumulated Taylor importance as predictors of
+        "kept" (dict, JSON-friendly)."""
+        names = [n for n, v in self.hyper.channel_vectors.items() if v.prunable]
+        sizes = [self.hyper.channel_vectors[n].size for n in names]
+        importance = None if self.importance is None else self.importance.double().cpu().split(sizes)
+        groups = {}
+        for number, (name, initial) in enumerate(zip(names, self.initial_magnitude.split(sizes))):
+            groups[name] = {'kept': self.hyper.channel_vectors[name].mask.cpu(), 'initial': initial,
+                            'importance': None if importance is None else importance[number]}
+        report = selection_diagnostics(groups)
+        report['importance'] = 'sum over the prune stage of |dL/dz * z| (first-order Taylor)'
+        return report
 
     # ---- regularisers (FMP Eqs. 4, 6, 7) ----
     def weight_regularization_active(self):
@@ -506,10 +570,21 @@ class FMPPruner:
     def state_dict(self):
         """Plain-Python state (flags and config) for checkpoints; masks live in the network's buffers."""
         return {'channel_frozen': self.channel_frozen, 'weight_frozen': self.weight_frozen,
-                'converged': self.converged, 'config': asdict(self.config)}
+                'converged': self.converged, 'config': asdict(self.config),
+                'initial_magnitude': self.initial_magnitude.tolist(),
+                'importance': None if self.importance is None else self.importance.double().cpu().tolist()}
 
     def load_state_dict(self, state):
+        """Restore :meth:`state_dict`'s flags and the selection diagnostic's accumulators (states written
+        before the diagnostic existed keep the |z| at load as the initial magnitudes)."""
         self.channel_frozen = bool(state['channel_frozen'])
         self.weight_frozen = bool(state['weight_frozen'])
         self.converged = bool(state['converged'])
+        initial, importance = state.get('initial_magnitude'), state.get('importance')
+        size = self.initial_magnitude.numel()
+        if initial is not None and len(initial) == size:
+            self.initial_magnitude = torch.tensor(initial, dtype=torch.float64)
+        if importance is not None and len(importance) == size:
+            device = self.hyper.prunable_vectors()[0].z.device
+            self.importance = torch.tensor(importance, dtype=self.hyper.prunable_vectors()[0].z.dtype, device=device)
         self.ratios = hypernetwork_ratios(self.hyper, self.specs, self.latency)

@@ -24,16 +24,26 @@ class ChannelVector(nn.Module):
     Args:
         size (int): Number of channels in the group.
         prunable (bool): False for the image input and the upsampler output: never shrunk or masked.
+        init (str): 'normal' (DHP's code: z ~ N(0, 1)) or 'ones' (every entry 1: equal magnitudes, so
+            which channels survive the proximal step is decided by the gradients alone, not by the draw;
+            :class:`~fmpsr.pruning.hypernet.HyperNetwork`'s default). Default 'normal'.
 
     Attributes:
-        z (Parameter): shape (size,), DHP init N(0, 1).
+        z (Parameter): shape (size,).
         mask (bool buffer): shape (size,), True where the channel is kept.
+
+    Raises:
+        ValueError: an unknown ``init``.
     """
 
-    def __init__(self, size, prunable=True):
+    INITS = ('normal', 'ones')
+
+    def __init__(self, size, prunable=True, init='normal'):
         super().__init__()
+        if init not in self.INITS:
+            raise ValueError(f'ChannelVector: unknown init {init!r} (choose from {list(self.INITS)})')
         self.prunable = prunable
-        self.z = nn.Parameter(torch.randn(size))
+        self.z = nn.Parameter(torch.randn(size) if init == 'normal' else torch.ones(size))
         self.register_buffer('mask', torch.ones(size, dtype=torch.bool))
 
     def extra_repr(self):
@@ -282,7 +292,8 @@ class HyperBank(nn.Module):
     length m. Forward plus backward of that contraction is about 3x faster than with (i, j) first.
     The per-conv views :attr:`HyperConv2d.w1` etc. still read as (c_out, c_in, ..., m).
 
-    Parameters (DHP init):
+    Parameters (DHP init; :class:`~fmpsr.pruning.hypernet.HyperNetwork` with ``init='plain'`` then
+    rescales each conv's slice of w2 so that its generated weight has the plain conv's std):
         w1 (n, m, c_out, c_in) ~ U(+-sqrt(3)); w2 (n, m, k, c_out, c_in) ~ U(+-sqrt(3 / (m c_in k)));
         b0 (n, c_out, c_in), b1 (n, m, c_out, c_in), b2 (n, k, c_out, c_in): zeros;
         weight_indicator (n, c_out, c_in, kh, kw): ones (FMP Eq. 2).
