@@ -4,7 +4,8 @@ An arch that exposes its widths as constructor options (LSRB) is rebuilt from th
 pruning. Any other arch (BasicSR's EDSR, RCAN, MSRResNet, fmpsr's RLFN) is rebuilt from its own
 options plus a width description: the arch is built as usual, then every conv named in
 ``conv_channels`` is replaced by an ``nn.Conv2d`` with the kept input and output channels and the
-same kernel, stride, padding, dilation and bias. The result is an instance of the original arch
+same kernel, stride, padding, dilation and bias (an ``nn.ConvTranspose2d`` by one of the same class with
+the same ``output_padding`` too). The result is an instance of the original arch
 class; its ``state_dict`` keys are the original ones, so the weights load from plain safetensors
 and no pickled module is ever needed.
 
@@ -44,7 +45,8 @@ def CompactArch(arch, conv_channels, channel_params=None,  # noqa: N802 (registe
         nn.Module: an instance of ``arch['type']``.
 
     Raises:
-        ValueError: a name in ``conv_channels`` that is not an ``nn.Conv2d`` of the arch, a key in
+        ValueError: a name in ``conv_channels`` that is not an ``nn.Conv2d`` (or a ``groups=1``
+            ``nn.ConvTranspose2d``) of the arch, a key in
             ``channel_params`` that is not a per-channel tensor of it, or a width below 1 or above
             the dense width (the name and value are given).
     """
@@ -56,13 +58,19 @@ def CompactArch(arch, conv_channels, channel_params=None,  # noqa: N802 (registe
             conv = net.get_submodule(name)
         except AttributeError:
             conv = None
-        if not isinstance(conv, nn.Conv2d):
+        transposed = isinstance(conv, nn.ConvTranspose2d) and conv.groups == 1
+        if not isinstance(conv, nn.Conv2d) and not transposed:
             raise ValueError(f'CompactArch: conv_channels names {name!r}, which is not a conv of {arch["type"]}')
         c_in, c_out = (int(c) for c in channels)
         if min(c_in, c_out) < 1:
             raise ValueError(f'CompactArch: conv_channels[{name!r}] = {list(channels)}; widths must be >= 1')
-        narrow = nn.Conv2d(c_in, c_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                           bias=conv.bias is not None, padding_mode=conv.padding_mode)
+        if transposed:
+            narrow = nn.ConvTranspose2d(c_in, c_out, conv.kernel_size, conv.stride, conv.padding, conv.output_padding,
+                                        bias=conv.bias is not None, dilation=conv.dilation,
+                                        padding_mode=conv.padding_mode)
+        else:
+            narrow = nn.Conv2d(c_in, c_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                               bias=conv.bias is not None, padding_mode=conv.padding_mode)
         parent, _, child = name.rpartition('.')
         setattr(net.get_submodule(parent) if parent else net, child, narrow)
     for key, width in (channel_params or {}).items():

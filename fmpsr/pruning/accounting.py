@@ -1,7 +1,11 @@
 """Params and MACs accounting (FMP Sec. 4.4, supplement Tab. 3).
 
 Params are all conv weights and biases; MACs are the multiply-accumulates of every conv
-(``kept weights * H_out * W_out``; what SR papers call "FLOPs"), at a stated LR input size.
+(``kept weights * H_out * W_out``; what SR papers call "FLOPs"), at a stated LR input size. A
+transposed conv (``nn.ConvTranspose2d``) multiplies every input pixel by its kernel: its MACs are
+``kept weights * H_in * W_in`` (``c_in * c_out / groups * kh * kw * H_in * W_in``, what torch's
+``FlopCounterMode`` counts, halved). Frozen convs (``requires_grad=False``) are counted like any other
+(they are part of the network) and are never pruned (``ConvSpec.frozen``).
 With metric = params or MACs and three counts of one network,
 
 * ``original``: the dense network,
@@ -28,7 +32,9 @@ class ConvSpec:
     """Shape facts of one conv: channels, kernel (kh, kw), bias, and output size (H_out, W_out) in
     pixels at the traced input size; ``stride``, ``padding``, ``dilation`` (pairs), ``groups`` and the
     input size (H_in, W_in) in pixels (None when not traced) rebuild the conv for timing
-    (:mod:`fmpsr.pruning.latency`); a grouped conv holds ``in_channels / groups`` inputs per output."""
+    (:mod:`fmpsr.pruning.latency`); a grouped conv holds ``in_channels / groups`` inputs per output.
+    ``transposed``: an ``nn.ConvTranspose2d`` (weight ``(c_in, c_out / groups, kh, kw)``); ``frozen``:
+    its weight has ``requires_grad=False`` (left as it is by every method)."""
     in_channels: int
     out_channels: int
     kernel_size: tuple
@@ -39,6 +45,8 @@ class ConvSpec:
     dilation: tuple = (1, 1)
     groups: int = 1
     in_size: tuple = None
+    transposed: bool = False
+    frozen: bool = False
 
     @property
     def kernel_area(self):
@@ -48,11 +56,25 @@ class ConvSpec:
     def out_pixels(self):
         return self.out_size[0] * self.out_size[1]
 
+    @property
+    def mac_pixels(self):
+        """Pixels each weight is multiplied at: H_out * W_out, or H_in * W_in for a transposed conv."""
+        return self.in_size[0] * self.in_size[1] if self.transposed else self.out_pixels
+
+    def dense_weights(self, c_in=None, c_out=None):
+        """Weights of the conv with ``c_in`` / ``c_out`` (default: all) channels: ``c_in / groups *
+        c_out * kh * kw`` (``c_in * c_out / groups * kh * kw`` transposed; equal for ``groups=1``)."""
+        c_in = self.in_channels if c_in is None else c_in
+        c_out = self.out_channels if c_out is None else c_out
+        per = c_in * (c_out // self.groups) if self.transposed else c_in // self.groups * c_out
+        return per * self.kernel_area
+
 
 def trace_conv_specs(net, input_size, in_channels=3):
     """Record every conv's :class:`ConvSpec` by running ``net`` once on the ``meta`` device.
 
-    Works on plain networks (``nn.Conv2d``) and hypernetworks (:class:`HyperConv2d`); nothing is
+    Works on plain networks (``nn.Conv2d``, ``nn.ConvTranspose2d``) and hypernetworks
+    (:class:`HyperConv2d`); nothing is
     computed and ``net`` itself is not touched (a deep copy is moved to ``meta``).
 
     Args:
@@ -66,12 +88,16 @@ def trace_conv_specs(net, input_size, in_channels=3):
     meta = copy.deepcopy(net).to('meta')
     specs, hooks = {}, []
     for name, module in meta.named_modules():
-        if isinstance(module, (nn.Conv2d, HyperConv2d)):
-            def hook(mod, inputs, output, name=name):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, HyperConv2d)):
+            weight = getattr(module, 'weight', None)
+            frozen = isinstance(weight, torch.Tensor) and not weight.requires_grad
+
+            def hook(mod, inputs, output, name=name, frozen=frozen):
                 padding = mod.padding if isinstance(mod.padding, str) else tuple(mod.padding)  # or 'same' / 'valid'
                 specs[name] = ConvSpec(mod.in_channels, mod.out_channels, tuple(mod.kernel_size),
                                        mod.bias is not None, tuple(output.shape[-2:]), tuple(mod.stride), padding,
-                                       tuple(mod.dilation), getattr(mod, 'groups', 1), tuple(inputs[0].shape[-2:]))
+                                       tuple(mod.dilation), getattr(mod, 'groups', 1), tuple(inputs[0].shape[-2:]),
+                                       isinstance(mod, nn.ConvTranspose2d), frozen)
             hooks.append(module.register_forward_hook(hook))
     with torch.no_grad():
         dtype = next(meta.parameters()).dtype
@@ -115,7 +141,8 @@ def count(specs, kept_in=None, kept_out=None, kept_weights=None, latency=None):
             zeros do not speed up a dense kernel).
 
     Returns:
-        Counts: params = sum(weights + kept biases), macs = sum(weights * H_out * W_out), latency =
+        Counts: params = sum(weights + kept biases), macs = sum(weights * H_out * W_out) (H_in * W_in
+        for a transposed conv), latency =
         sum of conv times in seconds (None without a table).
     """
     params = macs = 0
@@ -123,9 +150,9 @@ def count(specs, kept_in=None, kept_out=None, kept_weights=None, latency=None):
         c_in = s.in_channels if kept_in is None else kept_in.get(name, s.in_channels)
         c_out = s.out_channels if kept_out is None else kept_out.get(name, s.out_channels)
         dense = kept_weights is None or name not in kept_weights
-        weights = c_in // s.groups * c_out * s.kernel_area if dense else kept_weights[name]
+        weights = s.dense_weights(c_in, c_out) if dense else kept_weights[name]
         params += weights + (c_out if s.bias else 0)
-        macs += weights * s.out_pixels
+        macs += weights * s.mac_pixels
     return Counts(params, macs, None if latency is None else latency.total(specs, kept_in, kept_out))
 
 
@@ -185,13 +212,15 @@ def mask_ratios(specs, grouping, group_masks=None, weight_masks=None):
         grouping (ChannelGrouping | None): its channel groups; None: no channel is pruned.
         group_masks (dict | None): group name -> bool (size,) keep mask; a group left out (or None)
             keeps every channel.
-        weight_masks (dict | None): conv name -> bool (c_out, c_in, kh, kw) kept single weights; a
-            conv left out keeps every weight of its kept channels.
+        weight_masks (dict | None): conv name -> bool kept single weights, in the weight's layout
+            ((c_out, c_in, kh, kw); (c_in, c_out, kh, kw) transposed); a conv left out keeps every
+            weight of its kept channels.
 
     Returns:
         PruneRatios: ``channel`` counts kept channels only, ``pruned`` the kept weights inside them.
     """
     from .finalize import conv_channel_masks
+    from .grouping import slice_weight
 
     if grouping is None:
         sides = {name: (torch.ones(s.in_channels, dtype=torch.bool), torch.ones(s.out_channels, dtype=torch.bool))
@@ -205,7 +234,7 @@ def mask_ratios(specs, grouping, group_masks=None, weight_masks=None):
         kept_in[name], kept_out[name] = int(m_in.sum()), int(m_out.sum())
         if weight_masks is not None and name in weight_masks:
             w = weight_masks[name].detach().cpu().bool()
-            kept_weights[name] = int(w[m_out][:, m_in].sum())
+            kept_weights[name] = int(slice_weight(w, m_in, m_out, specs[name].transposed).sum())
         else:
             kept_weights[name] = kept_in[name] * kept_out[name] * specs[name].kernel_area
     return PruneRatios(original=count(specs), channel=count(specs, kept_in, kept_out),

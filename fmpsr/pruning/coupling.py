@@ -31,9 +31,18 @@ sliced by finalize. BatchNorm and InstanceNorm do not map a zero channel to zero
 hypernetwork multiplies their output by the channel mask (a forward hook; folding BN into the conv
 before pruning would change the function a user trains and lose BN's training behaviour).
 
+Frozen parameters (``requires_grad=False``, e.g. a fixed colour-normalisation 1x1 conv) are left
+exactly as they are: the module holding one is treated as excluded (below), so its channels and every
+channel coupled to them are fixed and a frozen conv stays a plain conv. torch-pruning follows autograd,
+which records nothing for a frozen layer on the image input, so the trace runs with them thawed.
+
+``nn.ConvTranspose2d`` (a transposed-conv upsampler, weight ``(c_in, c_out, kh, kw)``) is a conv of
+the grouping (``ChannelGrouping.transposed``): its input channels are pruned like any reader's, its
+output channels are fixed.
+
 What cannot be coupled is refused with a ValueError naming the module and suggesting
-``pruning.exclude``: grouped / depthwise convs, convs never called as modules (their weight is
-computed in forward: re-parameterised blocks), layers fmpsr does not prune (Linear, ConvTranspose2d,
+``pruning.exclude``: grouped / depthwise convs (transposed too), convs never called as modules (their
+weight is computed in forward: re-parameterised blocks), layers fmpsr does not prune (Linear,
 LayerNorm, GroupNorm, ...) and ops outside :data:`SAFE_OPS` (``F.conv2d`` with a computed weight,
 matmul, permute, softmax, channel means, PixelUnshuffle, ...) that sit between learned layers.
 ``exclude`` (module names or globs, a module excludes its submodules) leaves modules out: excluded
@@ -64,7 +73,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .grouping import ChannelGroup, ChannelGrouping, channel_dim
+from .grouping import ChannelGroup, ChannelGrouping, channel_dim, channel_weight_mask, frozen_names, is_conv
 
 IN, OUT, CH = 'in', 'out', 'ch'
 
@@ -282,12 +291,14 @@ def auto_grouping(net, example_input, ties=(), exclude=()):
     """
     import torch_pruning as tp
 
-    excluded = excluded_names(net, exclude)
-    all_convs = OrderedDict((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
+    frozen = frozen_names(net)
+    excluded = excluded_names(net, exclude) | frozen
+    all_convs = OrderedDict((n, m) for n, m in net.named_modules() if is_conv(m))
     convs = OrderedDict((n, m) for n, m in all_convs.items() if n not in excluded)
     for name, conv in convs.items():
         if conv.groups != 1:
             raise ValueError(_grouped_message(name, conv))
+    transposed = tuple(n for n, m in convs.items() if isinstance(m, nn.ConvTranspose2d))
     conv_names = {conv: name for name, conv in all_convs.items()}
     module_names = {m: n for n, m in net.named_modules()}
     param_names = {id(p): n for n, p in net.named_parameters()}
@@ -299,12 +310,19 @@ def auto_grouping(net, example_input, ties=(), exclude=()):
         outputs.append(model(*inputs))
         return outputs[-1]
 
+    # torch-pruning follows autograd: a frozen parameter records no graph (a frozen conv on the image
+    # would look uncalled and its ties to the rest would be lost), so it is traced as trainable
+    thawed = [p for p in net.parameters() if not p.requires_grad]
     try:
+        for p in thawed:
+            p.requires_grad_(True)
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(net, example_inputs=(example_input,), forward_fn=forward,
                                                           verbose=False)
             _set_concat_sizes(graph, outputs[0], net)
     finally:
+        for p in thawed:
+            p.requires_grad_(False)
         net.train(was_training)
     outputs.clear()  # drop the traced graph
     _map_pixel_shuffle(graph)
@@ -351,6 +369,8 @@ def auto_grouping(net, example_input, ties=(), exclude=()):
         for ch in range(width):
             atoms[(name, CH, ch)] = len(atoms)
     fixed_atoms = {a for a in atoms if a[0] in excluded}
+    # a transposed conv's outputs stay (its input channels are pruned like any reader's)
+    fixed_atoms.update(a for a in atoms if a[0] in transposed and a[1] == OUT)
     needs_exclude = OrderedDict()  # atom -> (what it touches, the exclude entry suggested)
     between_layers = {}  # opaque node -> whether learned layers lie both before and after it
     ties_a, ties_b = [], []
@@ -486,7 +506,7 @@ def auto_grouping(net, example_input, ties=(), exclude=()):
         used.update([side] if isinstance(side, str) else [g for g, _ in side])
     groups = OrderedDict((g, v) for g, v in groups.items() if g in used)
     plain = tuple(n for n in all_convs if n not in convs)
-    return ChannelGrouping(dict(groups), conv_sides, None, dict(channel_params), plain)
+    return ChannelGrouping(dict(groups), conv_sides, None, dict(channel_params), plain, transposed)
 
 
 # ---- the option check: refuse what cannot be coupled, before any experiment folder exists ----
@@ -496,7 +516,7 @@ def input_channels(net, network_opt):
     for key in ('num_in_ch', 'in_channels', 'in_chans', 'in_nc'):
         if isinstance(network_opt.get(key), int):
             return network_opt[key]
-    first = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    first = next((m for m in net.modules() if is_conv(m)), None)
     return first.in_channels if first is not None else 3
 
 
@@ -590,7 +610,7 @@ def _small_example(net, example, limit=32):
 def _called_convs(net, x, training):
     called = []
     hooks = [m.register_forward_pre_hook(lambda _m, _i, name=name: called.append(name))
-             for name, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+             for name, m in net.named_modules() if is_conv(m)]
     was_training = net.training
     try:
         net.train(training)
@@ -658,7 +678,7 @@ def _check_compact_equals_masked(net, grouping, network_opt, build_network, exam
     with torch.no_grad():
         for name, (m_in, m_out) in sides.items():
             conv = dense.get_submodule(name)
-            conv.weight.mul_((m_out[:, None] & m_in[None, :]).to(conv.weight.dtype)[..., None, None])
+            conv.weight.mul_(channel_weight_mask(m_in, m_out, name in grouping.transposed).to(conv.weight.dtype))
             if conv.bias is not None:
                 conv.bias.mul_(m_out.to(conv.bias.dtype))
     for name, side in grouping.masked_output_modules(dense).items():
@@ -671,12 +691,12 @@ def _check_compact_equals_masked(net, grouping, network_opt, build_network, exam
     hooks = []
     for key, model in (('dense', dense), ('compact', compact)):
         for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d):
+            if is_conv(m):
                 hooks.append(m.register_forward_pre_hook(
                     lambda _m, args, name=name, key=key: (inputs[key].setdefault(name, args[0].detach()), None)[1]))
     last = ['none']
     hooks += [m.register_forward_hook(lambda *_, name=name: last.__setitem__(0, repr(name)))
-              for name, m in compact.named_modules() if isinstance(m, nn.Conv2d)]
+              for name, m in compact.named_modules() if is_conv(m)]
     x = torch.rand(example.shape, generator=generator, dtype=torch.float64)
     try:
         with torch.no_grad():

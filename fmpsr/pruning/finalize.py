@@ -17,8 +17,13 @@ zero there.
 * :func:`finalize` does this for an FMP / DHP :class:`~fmpsr.pruning.hypernet.HyperNetwork`
   (weights generated once from the hypernetwork);
 * :func:`finalize_plain` for a plain network pruned by masks (SRP, L1-norm, ASSL, ISS-P, LTH, ...).
+
+Frozen layers (``requires_grad=False``) are plain convs of the grouping and are copied bit for bit;
+a weight mask that would zero a frozen weight is refused (:func:`fmpsr.pruning.masks.check_not_frozen`).
 """
 import torch
+
+from .grouping import slice_weight
 
 
 def side_mask(grouping, side, group_masks):
@@ -100,7 +105,8 @@ def slice_network(grouping, group_masks, weights, biases, weight_masks, dense_st
     Args:
         grouping (ChannelGrouping): channel groups of the dense network.
         group_masks (dict): group name -> bool (size,) keep mask (fixed groups: all True).
-        weights (dict): conv name -> dense weight (c_out, c_in, kh, kw), masked or not.
+        weights (dict): conv name -> dense weight (c_out, c_in, kh, kw), masked or not; (c_in, c_out,
+            kh, kw) for the transposed convs of ``grouping.transposed`` (sliced in that layout).
         biases (dict): conv name -> dense bias (c_out,) or None.
         weight_masks (dict | None): conv name -> bool (c_out, c_in, kh, kw) kept single weights; None
             or a missing name = every weight of the kept channels.
@@ -129,15 +135,15 @@ def slice_network(grouping, group_masks, weights, biases, weight_masks, dense_st
     compact_opt = compact_network_options(grouping, kept_groups, conv_channels, network_opt, param_channels)
     masks = {}
     for name, (m_in, m_out) in sides.items():
-        rows, cols = m_out.nonzero().flatten(), m_in.nonzero().flatten()
+        transposed = name in grouping.transposed
         weight = weights[name]
         keep = torch.ones_like(weight, dtype=torch.bool)
         if weight_masks is not None and name in weight_masks:
             keep = weight_masks[name].to(weight.device).bool()
-        masks[name] = keep[rows][:, cols].clone()
-        state[f'{name}.weight'] = (weight * keep)[rows][:, cols].clone()
+        masks[name] = slice_weight(keep, m_in, m_out, transposed).clone()
+        state[f'{name}.weight'] = slice_weight(weight * keep, m_in, m_out, transposed).clone()
         if biases.get(name) is not None:
-            state[f'{name}.bias'] = biases[name][rows].clone()
+            state[f'{name}.bias'] = biases[name][m_out.nonzero().flatten()].clone()
     like = next(iter(weights.values()))
     compact = build_network(dict(compact_opt)).to(device=like.device, dtype=like.dtype)
     for key, value in compact.state_dict().items():  # parameters and buffers outside the convs
@@ -198,14 +204,16 @@ def finalize_plain(net, grouping, group_masks, build_network, network_opt=None, 
         tuple: (compact network, its ``network_g`` options, weight masks), see :func:`slice_network`.
 
     Raises:
-        RuntimeError, ValueError: see :func:`slice_network`.
+        RuntimeError, ValueError: see :func:`slice_network`; a weight mask that zeroes a frozen weight.
     """
-    from .masks import plain_state_dict
+    from .masks import check_not_frozen, plain_state_dict
 
     like = next(net.parameters())
     if grouping is None:
         if network_opt is None:
             raise ValueError('finalize_plain: without a grouping, pass the dense network_opt')
+        for name, mask in (weight_masks or {}).items():
+            check_not_frozen(net.get_submodule(name), name, mask)
         state = plain_state_dict(net)
         compact = build_network(dict(network_opt)).to(device=like.device, dtype=like.dtype)
         compact.load_state_dict(state, strict=True)

@@ -18,9 +18,12 @@ vector, so those outputs form one *group* and are kept or pruned as a whole. A
   ``(1, C, 1, 1)`` scale) -> the side (same format as a conv side) its channel dimension follows,
   so that finalize slices it with the channels it belongs to (:func:`channel_dim` says which
   dimension; issue 14);
-* ``plain_convs``: convs left out of pruning (``pruning.exclude``): they stay plain dense
-  ``nn.Conv2d`` layers with all their channels, have no entry in ``convs`` and every channel coupled
-  to them is fixed.
+* ``plain_convs``: convs left out of pruning (``pruning.exclude``, and every conv with a frozen
+  parameter, ``requires_grad=False``): they stay plain dense layers with all their channels and
+  their weights untouched, have no entry in ``convs`` and every channel coupled to them is fixed;
+* ``transposed``: names of the ``nn.ConvTranspose2d`` layers of ``convs``. Their weight is
+  ``(c_in, c_out, kh, kw)`` (input channels first, :func:`weight_dims`); their input channels are
+  pruned like any reader's, their output channels are fixed (what they write is fixed).
 
 Hand-written groupings live in :data:`GROUPINGS`, keyed by arch class name;
 :func:`fmpsr.pruning.coupling.auto_grouping` finds the groups of any conv network with
@@ -35,6 +38,47 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 INPUT = 'input'
 OUTPUT = 'output'
+
+# the conv layers a grouping covers: a ConvTranspose2d's weight is (c_in, c_out / groups, kh, kw)
+CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def is_conv(module):
+    """True for the layers a channel grouping covers: ``nn.Conv2d`` and ``nn.ConvTranspose2d``."""
+    return isinstance(module, CONV_TYPES)
+
+
+def weight_dims(transposed):
+    """``(output-channel dim, input-channel dim)`` of a conv weight: ``(0, 1)`` for ``nn.Conv2d``
+    (weight ``(c_out, c_in, kh, kw)``), ``(1, 0)`` for ``nn.ConvTranspose2d`` (``(c_in, c_out, kh, kw)``)."""
+    return (1, 0) if transposed else (0, 1)
+
+
+def channel_weight_mask(m_in, m_out, transposed=False):
+    """Bool ``(c_out, c_in, 1, 1)`` mask of the weights between kept channels, or ``(c_in, c_out, 1, 1)``
+    for a transposed conv (the layout of its weight, broadcast over the kernel)."""
+    rows, cols = (m_in, m_out) if transposed else (m_out, m_in)
+    return (rows[:, None] & cols[None, :])[..., None, None]
+
+
+def slice_weight(weight, m_in, m_out, transposed=False):
+    """The weight of the kept channels: ``weight[m_out][:, m_in]`` (``[m_in][:, m_out]`` transposed)."""
+    rows, cols = (m_in, m_out) if transposed else (m_out, m_in)
+    return weight[rows.nonzero().flatten()][:, cols.nonzero().flatten()]
+
+
+def frozen_names(net):
+    """Names of the modules of ``net`` holding a frozen parameter (``requires_grad=False``) of their
+    own, and of every frozen parameter (set of str). fmpsr leaves them exactly as they are: not
+    pruned, not masked, their channels fixed (a fixed colour-normalisation conv, a frozen pretrained
+    layer)."""
+    names = set()
+    for name, module in net.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                names.update((name, f'{name}.{pname}' if name else pname))
+    names.discard('')
+    return names
 
 
 @dataclass(frozen=True)
@@ -73,6 +117,7 @@ class ChannelGrouping:
     compact_options: Callable[[Dict[str, int], Dict[str, Tuple[int, int]]], dict] = field(repr=False, default=None)
     channel_params: Dict[str, object] = field(default_factory=dict)
     plain_convs: Tuple[str, ...] = ()
+    transposed: Tuple[str, ...] = ()
 
     def segments(self, side):
         """A conv side as a list of ``(group, positions)``; positions is None for a whole group."""
@@ -109,10 +154,11 @@ class ChannelGrouping:
             ValueError: a conv of ``net`` has no entry (and is not in ``plain_convs``), an entry names
                 no conv of ``net`` or an unknown group, a group's size differs from the conv's
                 channels, a conv has ``groups != 1`` (grouped convs are not supported by the
-                hypernetwork), or a ``channel_params`` key is not a per-channel tensor of ``net`` of
-                its side's width.
+                hypernetwork), ``transposed`` does not list exactly the ``nn.ConvTranspose2d`` of
+                ``convs``, a conv with a frozen parameter is pruned (in ``convs``), or a
+                ``channel_params`` key is not a per-channel tensor of ``net`` of its side's width.
         """
-        convs = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+        convs = {name: m for name, m in net.named_modules() if is_conv(m)}
         missing = sorted(set(convs) - set(self.convs) - set(self.plain_convs))
         extra = sorted((set(self.convs) | set(self.plain_convs)) - set(convs))
         both = sorted(set(self.convs) & set(self.plain_convs))
@@ -121,6 +167,14 @@ class ChannelGrouping:
         if missing or extra:
             raise ValueError(f'channel grouping does not match the network: convs without a group {missing}, '
                              f'grouped names that are not convs {extra}')
+        transposed = sorted(n for n in self.convs if isinstance(convs[n], nn.ConvTranspose2d))
+        if transposed != sorted(self.transposed):
+            raise ValueError(f'channel grouping: transposed lists {sorted(self.transposed)}, the transposed convs '
+                             f'of the network are {transposed}')
+        frozen = sorted(set(self.convs) & frozen_names(net))
+        if frozen:
+            raise ValueError(f'channel grouping: convs {frozen} have frozen parameters (requires_grad=False) and '
+                             'must be left plain (plain_convs), not pruned')
         for name, (g_in, g_out) in self.convs.items():
             conv = convs[name]
             if conv.groups != 1:
@@ -147,6 +201,22 @@ class ChannelGrouping:
             if dim is None or state[key].shape[dim] != self.side_width(side):
                 raise ValueError(f'channel_params {key!r}: shape {tuple(state[key].shape)} is not per-channel with '
                                  f'the {self.side_width(side)} channels of {side!r}')
+
+    def refuse_transposed(self, method):
+        """Refuse the transposed convs of the grouping for a method that cannot prune them.
+
+        Args:
+            method (str): the method, for the message (e.g. 'FMP / DHP (the hypernetwork generates
+                nn.Conv2d weights only)').
+
+        Raises:
+            ValueError: one line naming the ``nn.ConvTranspose2d`` layers and the ``pruning.exclude``
+                entry that leaves them plain dense layers (their input channels are then fixed).
+        """
+        if self.transposed:
+            names = list(self.transposed)
+            raise ValueError(f'{method} cannot prune the nn.ConvTranspose2d layer(s) {names}; leave them unpruned '
+                             f'with pruning.exclude: {names}')
 
     def masked_output_modules(self, net):
         """Dict module name -> side of the modules holding ``channel_params`` whose output must be
@@ -280,13 +350,18 @@ def build_grouping(net, network_opt, mode=None, example_input=None, ties=(), exc
         exclude (sequence): ``pruning.exclude`` for 'auto': module names or globs left out of pruning
             (see ``auto_grouping``).
 
+    A network with a frozen conv (``requires_grad=False``) gets the automatic grouping by default:
+    the frozen conv stays plain and its channels fixed.
+
     Raises:
         KeyError: mode 'hand' for an arch with no hand-written grouping.
-        ValueError: an unknown mode; ties or exclude with mode 'hand'; see ``auto_grouping`` and
+        ValueError: an unknown mode; ties or exclude with mode 'hand'; mode 'hand' on a network with a
+            frozen conv; see ``auto_grouping`` and
             ``validate``.
     """
     arch = network_opt['type']
-    mode = mode or ('hand' if arch in GROUPINGS else 'auto')
+    frozen_convs = sorted(n for n, m in net.named_modules() if is_conv(m) and n in frozen_names(net))
+    mode = mode or ('hand' if arch in GROUPINGS and not frozen_convs else 'auto')
     if mode not in GROUPING_MODES:
         raise ValueError(f'pruning.grouping: unknown mode {mode!r} (choose from {list(GROUPING_MODES)})')
     if mode == 'hand':
@@ -298,6 +373,9 @@ def build_grouping(net, network_opt, mode=None, example_input=None, ties=(), exc
             raise ValueError('pruning.tie_outputs applies to pruning.grouping: auto only')
         if exclude:
             raise ValueError('pruning.exclude applies to pruning.grouping: auto only')
+        if frozen_convs:
+            raise ValueError(f'pruning.grouping: hand prunes every conv of {arch}, but {frozen_convs} have frozen '
+                             'parameters (requires_grad=False), which stay as they are; use pruning.grouping: auto')
         grouping = hand
     else:
         from .coupling import auto_grouping

@@ -53,9 +53,11 @@ def end_convs(net, network_opt, specs, mode=None, example_input=None, ties=()):
 
 
 def prunable_convs(specs, excluded):
-    """Conv names of ``specs`` (call order) that are not in ``excluded``."""
+    """Conv names of ``specs`` (call order) that are not in ``excluded``, not frozen (``requires_grad=False``:
+    left as they are) and not transposed (``nn.ConvTranspose2d``: pruned by channel only)."""
     excluded = set(excluded)
-    return [name for name in specs if name not in excluded]
+    return [name for name, spec in specs.items()
+            if name not in excluded and not getattr(spec, 'frozen', False) and not getattr(spec, 'transposed', False)]
 
 
 def num_removed(remaining, fraction):

@@ -3,6 +3,9 @@
 The masks are held by one mechanism, ``torch.nn.utils.parametrize``: ``conv.weight`` becomes
 ``original * mask``, so a pruned weight is zero in every forward pass and gets no gradient.
 :func:`plain_state_dict` gives the ordinary ``name.weight`` keys back for saving.
+
+Frozen weights (``requires_grad=False``) are never masked: a mask that would zero one of their
+entries is refused (:func:`check_not_frozen`); an all-True mask leaves them as they are.
 """
 import torch
 from torch import nn
@@ -20,6 +23,24 @@ class WeightMask(nn.Module):
         return weight * self.mask
 
 
+def check_not_frozen(module, name, mask):
+    """Refuse a weight mask that would change a frozen weight.
+
+    Args:
+        module (nn.Module): the conv holding ``weight`` (parametrized or not).
+        name (str): its name, for the message.
+        mask (Tensor): bool, the weight's shape.
+
+    Raises:
+        ValueError: the weight has ``requires_grad=False`` and ``mask`` has a False entry.
+    """
+    weight = (module.parametrizations['weight'].original if parametrize.is_parametrized(module, 'weight')
+              else getattr(module, 'weight', None))
+    if isinstance(weight, torch.Tensor) and not weight.requires_grad and not bool(mask.bool().all()):
+        raise ValueError(f'weight mask for {name!r}: its weight is frozen (requires_grad=False) and is left '
+                         'as it is; leave it out of the masked layers (pruning.exclude)')
+
+
 def apply_weight_masks(net, masks):
     """Register a :class:`WeightMask` on ``weight`` of each named conv.
 
@@ -29,7 +50,8 @@ def apply_weight_masks(net, masks):
 
     Raises:
         KeyError: a name that is not a module of ``net``.
-        ValueError: a mask whose shape differs from the weight's (both shapes in the message).
+        ValueError: a mask whose shape differs from the weight's (both shapes in the message), or one
+            that zeroes a frozen weight (:func:`check_not_frozen`).
     """
     for name, mask in masks.items():
         try:
@@ -39,6 +61,7 @@ def apply_weight_masks(net, masks):
         if tuple(mask.shape) != tuple(module.weight.shape):
             raise ValueError(f'weight mask for {name!r} has shape {tuple(mask.shape)}, '
                              f'the weight has {tuple(module.weight.shape)}')
+        check_not_frozen(module, name, mask)
         if parametrize.is_parametrized(module, 'weight'):
             parametrize.remove_parametrizations(module, 'weight', leave_parametrized=True)
         with torch.no_grad():
@@ -84,6 +107,7 @@ def update_weight_masks(net, masks):
         if tuple(mask.shape) != tuple(holder.mask.shape):
             raise ValueError(f'weight mask for {name!r} has shape {tuple(mask.shape)}, '
                              f'the weight has {tuple(holder.mask.shape)}')
+        check_not_frozen(module, name, mask)
         with torch.no_grad():
             holder.mask.copy_(mask.to(holder.mask.device).bool())
             module.parametrizations['weight'].original.mul_(holder.mask)

@@ -148,7 +148,10 @@ def select_layers(names, exclude=(), skip_first_last=False):
     """The conv names to prune, in order.
 
     Args:
-        names (list[str]): every conv of the network, in call order.
+        names (list[str] | dict): every conv of the network, in call order; or the dict conv name ->
+            :class:`~fmpsr.pruning.accounting.ConvSpec` of :func:`~fmpsr.pruning.trace_conv_specs`, and
+            then frozen convs (``requires_grad=False``, left as they are) and transposed convs (pruned
+            by channel only) are left dense too.
         exclude (tuple[str]): conv names or ``fnmatch`` globs to leave dense.
         skip_first_last (bool): also leave the first and the last conv dense (LTH's convention; the
             ISS-P reference code prunes every layer).
@@ -156,8 +159,10 @@ def select_layers(names, exclude=(), skip_first_last=False):
     Returns:
         list[str]
     """
+    kept = getattr(names, 'items', None)
+    untouched = {n for n, s in kept() if s.frozen or s.transposed} if kept is not None else set()
     names = list(names)
-    skipped = {names[0], names[-1]} if skip_first_last and names else set()
+    skipped = ({names[0], names[-1]} if skip_first_last and names else set()) | untouched
     return [n for n in names if n not in skipped and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
 
 
@@ -173,11 +178,13 @@ class IterativeShrinkage:
         seed (int): ``manual_seed`` of the run (ISS-R).
 
     State: ``kept`` (conv name -> bool, True = not in the last set; None before the first step).
+    A frozen weight (``requires_grad=False``) is left as it is: it is dropped from ``weights``.
     """
 
     def __init__(self, weights, method, prune_ratio, alpha, nm=(), seed=0):
         if method not in METHODS:
             raise ValueError(f'pruning.method: unknown method {method!r} (choose from {list(METHODS)})')
+        weights = {name: w for name, w in weights.items() if w.requires_grad}
         self.weights, self.method, self.nm, self.seed = weights, method, tuple(nm), seed
         self.prune_ratio, self.alpha = prune_ratio, alpha
         self.kept = None
