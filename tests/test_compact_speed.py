@@ -3,6 +3,7 @@ agree with independent recounts (no timing is asserted: speed is read off the JS
 machine, see scripts/benchmark/README.md)."""
 import importlib.util
 import json
+import os
 import os.path as osp
 
 import pytest
@@ -41,7 +42,8 @@ def test_quick_run_reports_consistent_counts(tmp_path, script, capsys):
     result = script.main(['--quick', '--no-onnx', export])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
     assert result['benchmark'] == 'compact_speed' and result['dense_source'] == 'pruning.json:original_network_g'
-    assert result['threads'] == 2 and result['config']['scale'] == 2
+    assert result['threads'] == int(os.environ.get('OMP_NUM_THREADS') or 2) and result['config']['scale'] == 2
+    assert result['representative'] is False and '--quick' in result['not_representative_because'][0]
     dense, compact = result['networks']['dense'], result['networks']['compact']
     for stats in (dense, compact):
         for key in ('params', 'params_nonzero', 'macs_ntire_lr256', 'macs_hd_out1280x720', 'eager_ms',
@@ -119,6 +121,7 @@ def test_speed_table_rows_match_their_json(tmp_path, capsys):
     rows = [line for line in table.splitlines() if line.startswith('| run ')]
     result = json.loads(out.read_text().splitlines()[0])
     compact, dense = result['networks']['compact'], result['networks']['dense']
-    assert len(rows) == 1 and f"| run | {compact['eager_ms']['median']:.1f} / {dense['eager_ms']['median']:.1f} " \
+    # --quick: the row is marked as not representative, the reason below the table
+    assert len(rows) == 1 and f"| run * | {compact['eager_ms']['median']:.1f} / {dense['eager_ms']['median']:.1f} " \
         f"({result['ratios']['eager_speedup']:.2f}x) | - |" in rows[0]
     assert f"{compact['params'] / 1e3:.1f} K ({compact['params_nonzero'] / 1e3:.1f} K nonzero)" in rows[0]

@@ -8,7 +8,8 @@ file or inline JSON with ``network_g`` options), ``original_network_g`` in the e
 file copied by BasicSR next to ``export/``. Then, on one input (``--lr-size``, default the LR size of
 a 1280 x 720 output), both networks are timed in PyTorch eager mode and, when onnxruntime is
 installed, as ONNX models: ``--warmup`` untimed rounds, then ``--repeats`` timed rounds alternating
-dense / compact, ``--threads`` threads on CPU (default 2), CUDA events and synchronisation on GPU.
+dense / compact, ``--threads`` threads on CPU (default: ``OMP_NUM_THREADS`` when set, else 2), CUDA
+events and synchronisation on GPU.
 Also reported: peak memory of one forward pass, params and MACs (dense and nonzero) at the NTIRE
 convention (256 x 256 LR input) and at a 1280 x 720 output, and file sizes (dense safetensors,
 compact safetensors, sparse store of the compact weights, ONNX).
@@ -17,7 +18,13 @@ compact safetensors, sparse store of the compact weights, ONNX).
 needed) and reports which channel multiple the machine favours (throughput in MACs per second of
 the widths that are multiples of 4, 8, 16, 32 against the others).
 
-Output: ONE JSON line on stdout (logs go to stderr). See ``scripts/benchmark/README.md``.
+A speed measured on a small input (output under 640 x 360 pixels, a quarter of 1280 x 720) or with
+few rounds (``--quick``, under 10 timed rounds) is dominated by fixed per-call costs and noise and says
+little about the speed at a real image size: the JSON then says ``"representative": false`` with the
+reasons (``not_representative_because``), and the summary says so beside the speed-up.
+
+Output: ONE JSON line on stdout, and a short human-readable summary on stderr (logs go there too).
+Nothing is written to disk. See ``scripts/benchmark/README.md``.
 
 Examples::
 
@@ -30,6 +37,7 @@ import argparse
 import contextlib
 import glob
 import json
+import os
 import os.path as osp
 import statistics
 import sys
@@ -55,6 +63,37 @@ from fmpsr.pruning.masks import plain_state_dict  # noqa: E402
 DEFAULTS = dict(warmup=5, repeats=20, threads=2)
 QUICK = dict(warmup=1, repeats=3, lr_size=(24, 32))
 MULTIPLES = (4, 8, 16, 32)
+REPRESENTATIVE_OUT_PIXELS = 640 * 360  # a quarter of the 1280 x 720 output speed-ups are quoted at
+REPRESENTATIVE_REPEATS = 10
+
+
+def default_threads(environ=None):
+    """CPU threads when ``--threads`` is not given: ``OMP_NUM_THREADS`` (a positive integer) if set,
+    else ``DEFAULTS['threads']``. Returns ``(threads, where it came from)``.
+
+    Raises:
+        ValueError: ``OMP_NUM_THREADS`` is set to something other than a positive integer.
+    """
+    value = (os.environ if environ is None else environ).get('OMP_NUM_THREADS', '').strip()
+    if not value:
+        return DEFAULTS['threads'], 'default'
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f'OMP_NUM_THREADS={value!r} is not a positive integer; set it right or pass --threads')
+    return int(value), 'OMP_NUM_THREADS'
+
+
+def representativeness(args, lr_size, scale):
+    """``(representative, reasons)``: whether the timing settings can stand for a real image size."""
+    reasons = []
+    if args.quick:
+        reasons.append('--quick (a smoke run)')
+    out_pixels = lr_size[0] * scale * lr_size[1] * scale
+    if out_pixels < REPRESENTATIVE_OUT_PIXELS:
+        reasons.append(f'output {lr_size[0] * scale}x{lr_size[1] * scale} pixels is under a quarter of 1280x720: '
+                       'fixed per-call costs weigh more than at a real image size')
+    if args.repeats < REPRESENTATIVE_REPEATS:
+        reasons.append(f'{args.repeats} timed rounds (under {REPRESENTATIVE_REPEATS}): the median is noise')
+    return not reasons, reasons
 
 
 def parse_args(argv=None):
@@ -63,8 +102,9 @@ def parse_args(argv=None):
     parser.add_argument('export', nargs='?', help='export folder (or its net_g.safetensors)')
     parser.add_argument('--dense', help='network_g of the dense original: YAML / JSON file or inline JSON')
     parser.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (default cpu)')
-    parser.add_argument('--threads', type=int, default=DEFAULTS['threads'],
-                        help=f'CPU threads for torch and onnxruntime (default {DEFAULTS["threads"]})')
+    parser.add_argument('--threads', type=int, default=None,
+                        help=f'CPU threads for torch and onnxruntime (default: OMP_NUM_THREADS when set, '
+                        f'else {DEFAULTS["threads"]})')
     parser.add_argument('--warmup', type=int, help=f'untimed rounds (default {DEFAULTS["warmup"]})')
     parser.add_argument('--repeats', type=int, help=f'timed rounds (default {DEFAULTS["repeats"]})')
     parser.add_argument('--lr-size', type=int, nargs=2, metavar=('H', 'W'),
@@ -83,6 +123,13 @@ def parse_args(argv=None):
     for key in ('warmup', 'repeats', 'lr_size'):
         if getattr(args, key) is None:
             setattr(args, key, defaults.get(key))
+    if args.threads is None:
+        try:
+            args.threads, args.threads_from = default_threads()
+        except ValueError as error:
+            parser.error(str(error))
+    else:
+        args.threads_from = '--threads'
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0 or args.batch < 1:
         parser.error('--threads, --repeats and --batch must be >= 1, --warmup >= 0')
     if args.widths is not None:
@@ -184,6 +231,7 @@ def benchmark_export(args):
     result['config'] = {'lr_size': list(lr_size), 'out_size': [lr_size[0] * scale, lr_size[1] * scale],
                         'batch': args.batch, 'scale': scale, 'warmup': args.warmup, 'repeats': args.repeats,
                         'quick': args.quick}
+    result['representative'], result['not_representative_because'] = representativeness(args, lr_size, scale)
     stats = {name: dict(network_g=opt, **describe(net, in_channels, scale)) for name, (net, opt) in nets.items()}
 
     def forward(net):
@@ -261,6 +309,7 @@ def benchmark_widths(args):
     result.update(environment(args, device))
     result['config'] = {'arch': f'LSRB-{args.num_block}-C x{args.scale}', 'lr_size': list(lr_size), 'batch': args.batch,
                         'warmup': args.warmup, 'repeats': args.repeats, 'quick': args.quick}
+    result['representative'], result['not_representative_because'] = representativeness(args, lr_size, args.scale)
     result.update(rows=rows, throughput_by_multiple={str(k): v for k, v in by_multiple.items()},
                   favoured_multiple=favoured)
     return result
@@ -307,11 +356,46 @@ def environment(args, device):
     except ImportError:
         ort_version = None
     return {'device': device.type, 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
-            'torch': torch.__version__, 'onnxruntime': ort_version, 'threads': torch.get_num_threads()}
+            'torch': torch.__version__, 'onnxruntime': ort_version, 'threads': torch.get_num_threads(),
+            'threads_from': args.threads_from}
+
+
+def _ms(stats, key):
+    return f"{stats[key]['median']:.2f}" if key in stats else '-'
+
+
+def report(result):
+    """A short human-readable summary of a result (a few lines; the JSON has everything)."""
+    config = result['config']
+    where = (f"{result['device']}{' ' + result['device_name'] if result['device_name'] else ''}, "
+             f"{result['threads']} threads ({result['threads_from']}), LR {config['lr_size'][0]}x{config['lr_size'][1]}"
+             f"{' -> ' + 'x'.join(map(str, config['out_size'][::-1])) + ' out' if 'out_size' in config else ''}, "
+             f"batch {config['batch']}, {config['warmup']} warm-up + {config['repeats']} timed rounds")
+    lines = [f"{result['benchmark']}: {where}"]
+    if result['benchmark'] == 'compact_speed':
+        nets, r = result['networks'], result['ratios']
+        lines.append(f"{'':9}{'eager ms':>10}{'onnx ms':>10}{'params':>11}{'GMACs 720p':>12}{'file KiB':>10}")
+        for name in ('dense', 'compact'):
+            n = nets[name]
+            lines.append(f"{name:9}{_ms(n, 'eager_ms'):>10}{_ms(n, 'onnx_ms'):>10}{n['params']:>11,}"
+                         f"{n['macs_hd_out1280x720']['macs'] / 1e9:>12.2f}{n['file_bytes'] / 1024:>10.0f}")
+        speed = f"speed-up {r['eager_speedup']:.2f}x eager" + \
+            (f", {r['onnx_speedup']:.2f}x onnxruntime" if 'onnx_speedup' in r else '')
+        lines.append(f"{speed}; MACs {r['macs_reduction']:.2f}x fewer, params {r['params_reduction']:.2f}x fewer")
+    else:
+        lines.append(f"{'C':>5}{'ms':>10}{'GMACs/s':>10}{'score':>8}")
+        lines += [f"{row['num_feat']:>5}{row['ms']['median']:>10.2f}{row['gmacs_per_s']:>10.2f}"
+                  f"{row['detrended_score']:>8.3f}" for row in result['rows']]
+        lines.append(f"favoured channel multiple: {result['favoured_multiple']}")
+    if not result['representative']:
+        lines.append('NOT REPRESENTATIVE of the speed at a real image size: '
+                     + '; '.join(result['not_representative_because'])
+                     + ' (run without --quick, at the default size, to quote a number)')
+    return '\n'.join(lines)
 
 
 def main(argv=None):
-    """Run the benchmark; print one JSON line and return it as a dict."""
+    """Run the benchmark; print a short summary on stderr and one JSON line on stdout; return the dict."""
     args = parse_args(argv)
     if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f'--device {args.device}: CUDA is not available')
@@ -321,6 +405,7 @@ def main(argv=None):
         result = benchmark_widths(args) if args.widths else benchmark_export(args)
     finally:
         torch.set_num_threads(previous)
+    print(report(result), file=sys.stderr, flush=True)
     print(json.dumps(result))
     return result
 

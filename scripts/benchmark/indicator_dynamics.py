@@ -43,7 +43,8 @@ indicator's drift rate d_i and its mean reconstruction-gradient magnitude |mean 
 indicators that matter shrink less or grow; ~0: every indicator shrinks alike whatever its
 importance, and what is pruned first is arbitrary).
 
-Output: JSON (``--out``, default ``indicator_dynamics.json``) and a PNG beside it.
+Output: JSON (``--out``, default ``results/indicator_dynamics.json`` in the repository, whatever the
+working folder) and a PNG beside it; the folder is created.
 
 Examples::
 
@@ -110,7 +111,8 @@ def parse_args(argv=None):
                    help='option file whose gamma_c, gamma_w, weight_threshold, schedule and budget are projected')
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default='indicator_dynamics.json')
+    p.add_argument('--out', default=os.path.join(ROOT, 'results', 'indicator_dynamics.json'),
+                   help='JSON file to write, a PNG beside it (default results/indicator_dynamics.json)')
     args = p.parse_args(argv)
     if args.quick:
         args.steps_lsrb, args.steps_esrb = min(args.steps_lsrb, 20), min(args.steps_esrb, 4)
@@ -339,6 +341,7 @@ def main(argv=None):
                 results.append(r)
     out = {'settings': {k: v for k, v in vars(args).items()}, 'target': target, 'torch_threads':
            torch.get_num_threads(), 'warmup': warmups, 'results': results}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json(args.out, out)
     png = os.path.splitext(args.out)[0] + '.png'
     plot(results, target, png)

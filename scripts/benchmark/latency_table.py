@@ -10,7 +10,8 @@ grid of kept widths (see :mod:`fmpsr.pruning.latency`). The script also prints, 
 stdout, how the table was measured, the dense and half-width networks' measured times and conv sums (the
 two points of the table's time line, see :mod:`fmpsr.pruning.latency`) and, with ``--check W1,W2,...``, the measured time of
 uniform-width variants of the network against the time the table predicts for them (``network_g`` must
-have ``num_feat``), to show how far the table's kept fraction is from the measured one.
+have ``num_feat``), to show how far the table's kept fraction is from the measured one. A short
+human-readable summary of the same goes to stderr. The script writes only the ``-o`` file.
 
 Examples::
 
@@ -80,8 +81,30 @@ def main(argv=None):
     result.pop('narrow_widths', None)
     if args.check:
         result['check'] = check_uniform(network_opt, specs, table, size, in_ch, device, args)
+    print(report(result), file=sys.stderr, flush=True)
     print(json.dumps(result))
     return result
+
+
+def _ms(seconds):
+    return '-' if seconds is None else f'{seconds * 1e3:.2f}'
+
+
+def report(result):
+    """A few human-readable lines: where it was measured, the two networks of the time line, the check."""
+    lines = [f"latency table -> {result['output']}: {result.get('device')} {result.get('device_name') or ''}, "
+             f"{result.get('threads')} threads, input {result.get('input_size')}, step {result.get('step')}, "
+             f"{result.get('repeats')} repeats",
+             f"{'network':10}{'measured ms':>13}{'conv sum ms':>13}",
+             f"{'dense':10}{_ms(result.get('network_s')):>13}{_ms(result.get('conv_sum_s')):>13}",
+             f"{'half':10}{_ms(result.get('narrow_network_s')):>13}{_ms(result.get('narrow_conv_sum_s')):>13}",
+             f"time = {result['line']['scale']:.3f} x conv sum + {result['line']['offset_s'] * 1e3:.2f} ms"]
+    if 'check' in result:
+        lines.append(f"{'num_feat':>8}{'measured':>10}{'predicted':>11}{'error':>8}  (fraction of dense "
+                     f"{result['check']['dense_ms']:.2f} ms)")
+        lines += [f"{w['num_feat']:>8}{w['measured_fraction']:>10.3f}{w['predicted_fraction']:>11.3f}"
+                  f"{w['relative_error']:>+8.1%}" for w in result['check']['widths']]
+    return '\n'.join(lines)
 
 
 def check_uniform(network_opt, specs, table, size, in_ch, device, args):

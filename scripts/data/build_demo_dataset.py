@@ -13,7 +13,8 @@ both splits.) Layout, for scale S::
     OUT/README.txt                               what is where, which image is in which split
 
 The LR images are made from the full HR (``generate_bicubic_lr.py``) and both are then cut into
-sub-images (``extract_subimages.py``), the usual DIV2K practice. The build goes into a hidden
+sub-images in one run (``extract_subimages.py``'s paired mode: each LR crop is the HR crop divided by
+S), the usual DIV2K practice. The build goes into a hidden
 temporary folder next to OUT that is renamed to OUT when complete; ``OUT/.complete_xS`` (written
 last) marks a finished build, and running again with the same settings is a quick no-op.
 
@@ -107,7 +108,7 @@ def _build(root, scale, crop_size, step, workers):
     here = osp.dirname(osp.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
-    from extract_subimages import extract_subimages
+    from extract_subimages import extract_pairs, pair_paths
     from generate_bicubic_lr import generate_bicubic_lr, list_images
 
     lr = f'LR_bicubic/X{scale}'
@@ -115,12 +116,11 @@ def _build(root, scale, crop_size, step, workers):
         generate_bicubic_lr(_source_paths(names), osp.join(root, split, lr), scale,
                             gt_dir=osp.join(root, split, 'HR'), workers=workers)
     train = osp.join(root, 'train')
-    n_sub = extract_subimages(list_images(osp.join(train, 'HR')), osp.join(train, 'HR_sub'), crop_size, step,
-                              workers=workers)
-    n_sub_lr = extract_subimages(list_images(osp.join(train, lr)), osp.join(train, f'LR_bicubic_sub/X{scale}'),
-                                 crop_size // scale, step // scale, workers=workers)
+    pairs = pair_paths(list_images(osp.join(train, 'HR')), list_images(osp.join(train, lr)))
+    n_sub = extract_pairs(pairs, osp.join(train, 'HR_sub'), osp.join(train, f'LR_bicubic_sub/X{scale}'), scale,
+                          crop_size, step, workers=workers)
     hr_sub, lr_sub = (sorted(os.listdir(osp.join(train, d))) for d in ('HR_sub', f'LR_bicubic_sub/X{scale}'))
-    assert n_sub == n_sub_lr and hr_sub == lr_sub, 'HR and LR sub-images are not aligned'
+    assert len(hr_sub) == n_sub and hr_sub == lr_sub, 'HR and LR sub-images do not pair up'
     stems = {split: {osp.splitext(n)[0] for n in os.listdir(osp.join(root, split, 'HR'))} for split in ('train', 'val')}
     assert stems['train'].isdisjoint(stems['val']), f'image in both splits: {stems["train"] & stems["val"]}'
     with open(osp.join(root, 'README.txt'), 'w') as f:

@@ -4,8 +4,12 @@ The LMDB key of an image is its file name without extension (``0001_s001.png`` -
 the convention of BasicSR's ``make_lmdb_from_imgs`` and ``PairedImageDataset``. Before anything is
 written the script checks that the GT and LQ folders hold the same keys and that every key is
 ASCII without dots or whitespace (BasicSR reads keys back from ``meta_info.txt`` up to the first
-dot). Each LMDB is built under a temporary name next to its destination and renamed into place when
-complete; an existing destination is left alone unless ``--overwrite``.
+dot and splits its lines at spaces): a file named otherwise is refused in one line that names it.
+Each LMDB is built under a temporary name next to its destination and renamed into place when
+complete; an existing destination is left alone unless ``--overwrite``. The LMDB holds what BasicSR's
+``make_lmdb_from_imgs`` writes (each image re-encoded as PNG with ``compress_level``, and a
+``meta_info.txt`` line ``<key>.png (h,w,c) <level>`` per image); the progress bar is shown only on a
+terminal, and each LMDB ends with one summary line on stdout.
 
 Examples::
 
@@ -20,11 +24,17 @@ import os
 import os.path as osp
 import shutil
 import sys
+from multiprocessing import Pool
+
+import lmdb
+from tqdm import tqdm
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from generate_bicubic_lr import list_images, positive_int, read_image  # noqa: E402  (also patches basicsr)
 
-from basicsr.utils.lmdb_util import make_lmdb_from_imgs  # noqa: E402
+import cv2  # noqa: E402
+
+COMMIT_EVERY = 5000  # images per LMDB transaction, BasicSR's default batch
 
 
 def image_keys(folder):
@@ -65,6 +75,43 @@ def check_lmdb_path(lmdb_path, overwrite):
         raise ValueError(f'LMDB {lmdb_path!r} already exists; remove it or pass --overwrite')
 
 
+def _read_job(args):
+    """Pool job: ``(folder, file name, key, compress_level)`` -> ``(key, PNG bytes, (h, w, c))``, what
+    BasicSR's ``lmdb_util.read_img_worker`` returns, but a truncated, undecodable or non-8-bit image
+    is refused with its name (ValueError)."""
+    folder, name, key, compress_level = args
+    img = read_image(osp.join(folder, name))
+    h, w, c = img.shape if img.ndim == 3 else (*img.shape, 1)
+    ok, data = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
+    if not ok:
+        raise ValueError(f'cannot encode image {osp.join(folder, name)!r} as PNG')
+    return key, data, (h, w, c)
+
+
+def _fill_lmdb(folder, names, keys, lmdb_path, map_size, n_thread, compress_level):
+    """Write the images into a new LMDB at ``lmdb_path``, in key order, as BasicSR's
+    ``make_lmdb_from_imgs`` does (same values and ``meta_info.txt``), without its per-key output."""
+    jobs = [(folder, name, key, compress_level) for name, key in zip(names, keys)]
+    env = lmdb.open(lmdb_path, map_size=map_size)
+    pool = Pool(n_thread) if n_thread > 1 else None
+    try:
+        results = pool.imap(_read_job, jobs, chunksize=16) if pool else map(_read_job, jobs)
+        txn = env.begin(write=True)
+        with open(osp.join(lmdb_path, 'meta_info.txt'), 'w') as meta:
+            for index, (key, data, (h, w, c)) in enumerate(tqdm(results, total=len(jobs), unit='img',
+                                                                desc=osp.basename(lmdb_path), disable=None)):
+                txn.put(key.encode('ascii'), data)
+                meta.write(f'{key}.png ({h},{w},{c}) {compress_level}\n')
+                if (index + 1) % COMMIT_EVERY == 0:
+                    txn.commit()
+                    txn = env.begin(write=True)
+        txn.commit()
+    finally:
+        if pool:
+            pool.terminate()
+        env.close()
+
+
 def write_lmdb(folder, keys, lmdb_path, n_thread=1, compress_level=1):
     """Build ``lmdb_path`` from the images ``keys`` (``{key: file name}``) of ``folder``.
 
@@ -72,7 +119,7 @@ def write_lmdb(folder, keys, lmdb_path, n_thread=1, compress_level=1):
     interrupted run never leaves a complete-looking LMDB; an existing ``lmdb_path`` is replaced.
 
     Raises:
-        ValueError: an image BasicSR fails on is unreadable (the file is named).
+        ValueError: an image is unreadable (the file is named).
     """
     lmdb_path = osp.abspath(lmdb_path)
     partial = osp.join(osp.dirname(lmdb_path), f'.{osp.basename(lmdb_path)[:-5]}.partial.lmdb')
@@ -84,13 +131,11 @@ def write_lmdb(folder, keys, lmdb_path, n_thread=1, compress_level=1):
     # Generous bound on the re-encoded PNG size (a JPEG can grow ~20x as PNG); the file stays sparse.
     map_size = (1 << 28) + sum(os.path.getsize(osp.join(folder, n)) * (30 if n.lower().endswith(('.jpg', '.jpeg'))
                                                                         else 4) for n in names)
+    os.makedirs(partial)
     try:
-        make_lmdb_from_imgs(folder, partial, names, key_list, compress_level=compress_level,
-                            multiprocessing_read=n_thread > 1, n_thread=n_thread, map_size=map_size)
-    except Exception:
+        _fill_lmdb(folder, names, key_list, partial, map_size, n_thread, compress_level)
+    except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
-        for name in names:  # BasicSR's error for a bad image does not name it: find it
-            read_image(osp.join(folder, name))
         raise
     if osp.exists(lmdb_path):
         shutil.rmtree(lmdb_path)
@@ -123,8 +168,7 @@ def main(argv=None):
     parser.add_argument('--lq-lmdb', help='output LQ LMDB folder (must end with .lmdb)')
     parser.add_argument('--single', help='one folder to pack instead of a GT/LQ pair (use with --lmdb)')
     parser.add_argument('--lmdb', help='output LMDB folder for --single')
-    parser.add_argument('--n-thread', type=positive_int, default=1,
-                        help='processes reading images (default 1; >1 reads everything into memory first)')
+    parser.add_argument('--n-thread', type=positive_int, default=1, help='processes reading images (default 1)')
     parser.add_argument('--overwrite', action='store_true', help='replace existing output LMDBs')
     args = parser.parse_args(argv)
     if args.single or args.lmdb:
