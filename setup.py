@@ -2,6 +2,8 @@
 from setuptools import find_packages, setup
 
 ONNX = ['onnx>=1.15', 'onnxruntime>=1.17', 'onnxscript']
+# model files from the ecosystem in (fmpsr/archs/spandrel_arch.py): the loader chaiNNer / ComfyUI use
+SPANDREL = ['spandrel>=0.4.2']
 
 setup(
     name='fmpsr',
@@ -32,8 +34,9 @@ setup(
     ],
     extras_require={
         'onnx': ONNX,
-        # the ONNX export is tested in CI, so the test extra carries it
-        'test': ['pytest', 'hypothesis'] + ONNX,
+        'spandrel': SPANDREL,
+        # the ONNX export and the spandrel loader are tested in CI, so the test extra carries them
+        'test': ['pytest', 'hypothesis'] + ONNX + SPANDREL,
     },
     entry_points={'console_scripts': [
         'fmpsr-infer = fmpsr.deploy.inference:cli',

@@ -258,6 +258,24 @@ class PrunedSRModel(SRModel):
         logger.info(f'Use Exponential Moving Average with decay: {self.ema_decay} (started from '
                     f'{"the checkpoint params_ema" if restored is not None else "net_g"})')
 
+    def model_ema(self, decay=0.999):
+        """BasicSR's EMA step, ``ema = decay * ema + (1 - decay) * param``, over the trained parameters
+        only: a frozen parameter of ``net_g`` (``requires_grad=False``, e.g. a fixed colour
+        normalisation) is copied bit for bit instead (BasicSR averages it too, and the float32
+        arithmetic moves it by an ulp now and then).
+
+        Raises:
+            KeyError: a parameter of the EMA copy that ``net_g`` does not have (they are built alike).
+        """
+        params = dict(self.get_bare_model(self.net_g).named_parameters())
+        with torch.no_grad():
+            for name, ema_param in self.net_g_ema.named_parameters():
+                param = params[name]
+                if param.requires_grad:
+                    ema_param.mul_(decay).add_(param, alpha=1 - decay)
+                else:
+                    ema_param.copy_(param)
+
     def export_network(self):
         """The bare network to export and validate: the EMA copy when there is one, else ``net_g``."""
         ema = getattr(self, 'net_g_ema', None)
