@@ -8,12 +8,16 @@ file, a data set, a checkpoint, a command-line value) into one line on stderr::
 with exit status 2 (argparse's status for bad usage), instead of a Python traceback. fmpsr's checks
 raise ``ValueError`` (``DataCheckError``), ``KeyError``, ``FileNotFoundError`` / ``OSError``,
 ``FloatingPointError`` (a NaN loss), ``pickle.UnpicklingError`` (``UnsafeCheckpointError``, a refused
-checkpoint) or ``DataLoadError`` with a message that names the key, file or value at fault. The same
-types raised outside fmpsr (BasicSR, torch) get their type and the place they were raised added, e.g.
-``fmpsr: error: missing option 'datasets' (KeyError at basicsr/utils/options.py:97)``.
+checkpoint) or ``DataLoadError`` with a message that names the key, file or value at fault; that
+message is the whole line. A ``KeyError`` raised outside fmpsr (BasicSR, torch) is a bare lookup with
+no sentence of its own, so it gets its type and place added, e.g.
+``fmpsr: error: missing option or entry 'datasets' (KeyError at basicsr/utils/options.py:97;
+FMPSR_TRACEBACK=1 shows the traceback)``.
 
-Every other exception (a bug) keeps its full traceback. ``--debug`` on the command line (BasicSR's
-flag) or the environment variable ``FMPSR_TRACEBACK=1`` shows the traceback of every error.
+Every other exception (a bug) keeps its full traceback. The environment variable
+``FMPSR_TRACEBACK=1`` shows the traceback of every error, for every command (``fmpsr/train.py``,
+``fmpsr/test.py``, ``fmpsr-infer``, the data and deploy scripts); ``fmpsr/train.py`` and
+``fmpsr/test.py`` also show it with ``--debug``, which there turns on BasicSR's debug mode as well.
 """
 import os
 import os.path as osp
@@ -42,17 +46,17 @@ def readable_errors():
 
 
 def wants_traceback(argv=None):
-    """True when ``--debug`` is among the arguments or ``FMPSR_TRACEBACK`` is set to something other
-    than '', '0', 'false' or 'no'."""
+    """True when ``FMPSR_TRACEBACK`` is set to something other than '', '0', 'false' or 'no', or when
+    ``--debug`` is among the arguments (fmpsr/train.py and fmpsr/test.py accept it)."""
     argv = sys.argv[1:] if argv is None else argv
     return '--debug' in argv or os.environ.get(TRACEBACK_ENV, '').strip().lower() not in ('', '0', 'false', 'no')
 
 
 def error_message(error):
-    """One line for ``error``: its message, plus its type and origin when it was not raised by fmpsr
-    (the package or ``scripts/``).
+    """One line for ``error``: its message; a ``KeyError`` raised outside fmpsr (the package or
+    ``scripts/``), a bare lookup, also gets its origin and the ``FMPSR_TRACEBACK=1`` hint.
 
-    A ``KeyError`` from outside fmpsr is a missing option or dict entry: ``missing option 'x'``.
+    That ``KeyError`` is a missing option or dict entry: ``missing option or entry 'x'``.
     Multi-line messages are joined; a DataLoader worker's re-raised error keeps only its last line
     (the original message).
     """
@@ -65,12 +69,11 @@ def error_message(error):
         lines = lines[-1:]  # "fmpsr.data.sampling.DataLoadError: cannot load training pair ..."
     message = ' '.join(lines)
     frame = _origin(error)
-    if frame is None or osp.abspath(frame.filename).startswith(OWN_DIRS):
+    if not isinstance(error, KeyError) or frame is None or osp.abspath(frame.filename).startswith(OWN_DIRS):
         return message
     where = f'{_short_path(frame.filename)}:{frame.lineno}'
-    if isinstance(error, KeyError):
-        message = f'missing option or entry {message!r}' if ' ' not in message else message
-    return f'{message} ({type(error).__name__} at {where}; {TRACEBACK_ENV}=1 or --debug shows the traceback)'
+    message = f'missing option or entry {message!r}' if ' ' not in message else message
+    return f'{message} ({type(error).__name__} at {where}; {TRACEBACK_ENV}=1 shows the traceback)'
 
 
 def _origin(error):

@@ -157,16 +157,19 @@ def parse_options(root_path, is_train=True):
 
     Raises:
         ValueError, FileNotFoundError: see :func:`load_option_file` and :func:`apply_force_yml`.
-        KeyError: a key BasicSR needs (``name``, ``num_gpu``, ``datasets``, ``path``) is missing.
+        fmpsr.option_keys.OptionKeyError (a ValueError): a key BasicSR needs (``name``, ``num_gpu``,
+            ``datasets``, ``path``; ``train``, ``logger`` to train) is missing.
     """
     import torch
     from basicsr.utils import set_random_seed
     from basicsr.utils.dist_util import get_dist_info
 
     from . import compat
+    from .option_keys import check_required
 
     args = _argument_parser().parse_args()
     opt = load_option_file(args.opt)
+    check_required(opt, args.opt, is_train)
 
     if args.launcher == 'none':
         opt['dist'] = False

@@ -1,6 +1,7 @@
 """What fmpsr adds to BasicSR's ``train_pipeline`` / ``test_pipeline`` (installed by ``import fmpsr``).
 
-* Options are checked right after parsing, before any experiment folder is made or renamed: the
+* Options are checked right after parsing, before any experiment folder is made or renamed: every
+  key and value a model reads (:mod:`fmpsr.option_keys`: unknown keys with the closest known one), the
   model class's ``check_options(opt)`` (unknown pruning keys, bad targets, scale mismatch, ...), the
   files named under ``path`` and every data set (:mod:`fmpsr.data.checks`).
 * The training set is wrapped in :class:`~fmpsr.data.sampling.SeededDataset` and sampled by
@@ -32,9 +33,11 @@ from . import run_control
 from .compat import load_resume_state
 from .data.checks import check_datasets, check_paths
 from .data.sampling import ResumableSampler, SeededDataset
+from .option_keys import check_option_keys, closest
 from .run_lock import acquire
 
-_STATE = {'seed': None, 'resume': None, 'sampler': None, 'loaded': None, 'skipped': []}
+_STATE = {'seed': None, 'resume': None, 'sampler': None, 'loaded': None, 'skipped': [], 'opt': None, 'model': None,
+          'scores': {}}
 _ORIGINAL = {}
 
 
@@ -49,8 +52,9 @@ def check_options(opt):
     model_type = opt.get('model_type')
     if model_type not in MODEL_REGISTRY:
         known = sorted(name for name, _ in MODEL_REGISTRY)
-        raise KeyError(f'model_type: unknown model {model_type!r} (known: {known})')
+        raise KeyError(f'model_type: unknown model {model_type!r}{closest(model_type, known)} (known: {known})')
     model_cls = MODEL_REGISTRY.get(model_type)
+    check_option_keys(opt, model_cls)  # unknown keys, types and values anywhere, named with the closest known
     if hasattr(model_cls, 'check_options'):
         # checks may build networks (e.g. fmpsr.pruning.coupling.check_prunable): their weight init must
         # not draw from the global RNG that BasicSR has just seeded for the run itself
@@ -91,6 +95,7 @@ def lock_run(opt):
 def _parse_options(parse):
     def parse_and_check(root_path, is_train=True):
         opt, args = parse(root_path, is_train=is_train)  # --deterministic: fmpsr.options_io
+        _STATE.update(opt=opt, model=None, scores={})
         configured = 'basicsr' in basicsr_logger.initialized_logger
         lock_run(opt)
         check_options(opt)
@@ -161,10 +166,39 @@ def _build_model(build):
     def build_and_watch(opt):
         run_control.apply_deterministic(opt)  # after BasicSR's cudnn.benchmark = True
         model = build(opt)
+        _record_scores(model)
         if opt.get('is_train'):
             run_control.stop_between_iterations(model, opt, current_epoch, basicsr_logger.get_root_logger().info)
         return model
     return build_and_watch
+
+
+def _record_scores(model):
+    """Keep the metrics of each validation / test call per data set (the last one wins), for
+    :func:`finished_run`."""
+    _STATE['model'] = model
+    validation = getattr(model, 'validation', None)
+    if validation is None:  # not a BasicSR model (nothing to record)
+        return
+
+    def validation_and_record(dataloader, current_iter, tb_logger, save_img=False):
+        result = validation(dataloader, current_iter, tb_logger, save_img)
+        values = getattr(model, 'metric_results', None)
+        if values and opt_rank(model.opt) == 0:
+            _STATE['scores'][dataloader.dataset.opt['name']] = {k: float(v) for k, v in values.items()}
+        return result
+    model.validation = validation_and_record
+
+
+def opt_rank(opt):
+    """The process's rank in a distributed run (0 without one)."""
+    return int(opt.get('rank', 0) or 0)
+
+
+def finished_run():
+    """``(opt, model, scores)`` of the run this process just finished (``scores``: ``{data set:
+    {metric: value}}`` of the last validation / test of each set); (None, None, {}) before one."""
+    return _STATE['opt'], _STATE['model'], dict(_STATE['scores'])
 
 
 def current_epoch():

@@ -50,7 +50,27 @@ def test_errors_raised_outside_fmpsr_say_what_and_where(capsys, monkeypatch):
     status, err = cli(lambda: {}['datasets'], capsys)
     assert status == 2 and err.count('\n') == 1
     assert err.startswith("fmpsr: error: missing option or entry 'datasets' (KeyError at ")
-    assert 'test_errors.py:' in err and 'FMPSR_TRACEBACK=1' in err
+    assert 'test_errors.py:' in err and err.rstrip().endswith('; FMPSR_TRACEBACK=1 shows the traceback)')
+    assert '--debug' not in err   # the data and deploy scripts have no --debug
+
+
+def test_ordinary_errors_raised_outside_fmpsr_are_their_message_alone(capsys, monkeypatch):
+    """A ValueError / OSError with a sentence of its own (BasicSR's, torch's) is not dressed up as a crash."""
+    monkeypatch.delenv('FMPSR_TRACEBACK', raising=False)
+    status, err = cli(lambda: int('x7'), capsys)
+    assert (status, err) == (2, "fmpsr: error: invalid literal for int() with base 10: 'x7'\n")
+    status, err = cli(lambda: open('/nowhere/at/all.png'), capsys)
+    assert (status, err) == (2, "fmpsr: error: [Errno 2] No such file or directory: '/nowhere/at/all.png'\n")
+
+
+@pytest.mark.slow
+def test_the_traceback_hint_holds_for_a_data_script(tmp_path):
+    """FMPSR_TRACEBACK=1 shows the traceback for scripts that have no --debug (and reject it)."""
+    args = ['scripts/data/check_pairs.py', '--gt', str(tmp_path / 'noHR'), '--lq', str(tmp_path / 'noLR'), '--scale', '2']
+    plain = run_failing(args)
+    assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+    shown = run_failing(args, FMPSR_TRACEBACK='1')
+    assert shown.returncode == 1 and 'Traceback (most recent call last)' in shown.stderr, shown.stderr
 
 
 def test_a_dataloader_worker_error_keeps_its_own_message():
