@@ -230,11 +230,18 @@ def test_lr_at_equals_basicsr_schedulers_stepped():
 
 def test_report_says_what_every_cell_starts_from(tmp_path, data):
     from fmpsr.compare.report import start_line
-    preset = preset_with_data(tmp_path, data, 'cpu_demo')
+    preset = preset_with_data(tmp_path, data, 'paper_x4')   # no pretrain track: every cell from random weights
     line = start_line(preset)
     assert 'random initialisation' in line and 'prune a pretrained network in their papers' in line, line
     named = line.split('same for all. ')[1].split(' prune a pretrained')[0]
     assert sorted(named.split(', ')) == ['ASSL', 'L1-norm', 'SRP']
+    preset = preset_with_data(tmp_path, data, 'cpu_demo')   # the charged dense start of SRP, ASSL, L1-norm
+    line = start_line(preset)
+    assert line.startswith('- SRP, ASSL, L1-norm start from a dense network trained from random initialisation '
+                           'for 200 iterations'), line
+    assert 'then train 600: the dense training is charged to their budget of 800 iterations' in line
+    others = line.split('iterations. ')[-1].split(' and the scratch baselines start from random weights')[0]
+    assert sorted(others.split(', ')) == ['DHP', 'FMP', 'ISS-P', 'Kernel-ERSS-L', 'LTH'], line
 
 
 # ---- report helpers ----
@@ -382,3 +389,66 @@ def recount_dense(network_g, size):
     from basicsr.archs import build_network
     net = build_network(dict(network_g))
     return count_network(net, net.state_dict(), size), network_g
+
+
+# ---- the pretrained track: a dense start charged to the methods that prune a pretrained network ----
+@pytest.mark.parametrize('pretrain,message', [
+    ({'iterations': 40}, r'pretrain\.iterations'),            # not below total_iter
+    ({'iterations': 10, 'methods': ['FMP']}, r'pretrain\.methods.*FMP'),   # FMP searches from scratch
+    ({'iterations': 10, 'methods': ['SRP']}, r'pretrain\.methods'),        # not a method of the preset
+    ({'iterations': 10, 'warmup': 3}, r'pretrain: unknown key'),
+])
+def test_bad_pretrain_sections_are_refused_with_the_key(tmp_path, data, pretrain, message):
+    path = tiny_preset(tmp_path, data, 'cmp_bad_pretrain', pretrain=pretrain)
+    with pytest.raises(PresetError, match=message):
+        Preset(path, ROOT)
+
+
+def test_pretrained_cells_start_from_the_dense_cell_and_are_charged_its_iterations(tmp_path, data):
+    path = tiny_preset(tmp_path, data, 'cmp_pre', methods={'FMP': {}, 'L1-norm': {'pruning': {'mode': 'aligned'}}},
+                       pretrain={'iterations': 15})
+    preset = Preset(path, ROOT)
+    dense = preset.pretrain_cells()
+    assert [c.name for c in dense] == ['pretrain-dense-s0'] and dense[0].is_pretrain
+    assert dense[0].options['train']['total_iter'] == 15 and 'finetune' not in dense[0].options['train']
+    assert dense[0].options['network_g'] == preset.opt['network_g']
+    assert dense[0].options['train']['scheduler'] == preset.scratch['train']['scheduler']   # the scratch schedule
+    for cell in preset.method_cells():
+        start = cell.options['path']['pretrain_network_g']
+        if cell.method == 'L1-norm':
+            assert start == preset.dense_start_path(0) and cell.options['train']['total_iter'] == 25
+        else:   # FMP searches from random weights for the whole budget
+            assert start is None and cell.options['train']['total_iter'] == 40
+
+
+@pytest.mark.slow
+def test_pretrain_track_end_to_end(tmp_path, data):
+    """The dense cell trains first; L1-norm's cells load its weights, train total_iter minus its iterations,
+    and the report says both."""
+    name = f'pre_{uuid.uuid4().hex[:8]}'
+    path = tiny_preset(tmp_path, data, name, methods={'L1-norm': {'pruning': {'mode': 'aligned'}}},
+                       pretrain={'iterations': 20}, scratch=None,
+                       **{'budget.targets': [0.5], 'budget.tolerance': 0.05})   # L1-norm's closest on LSRB-2-12
+    try:
+        run_cli(['-opt', path])
+        out = osp.join(ROOT, 'results', 'compare', name)
+        dense_exp = osp.join(ROOT, 'experiments', f'cmp_{name}_pretrain-dense-s0')
+        assert trained_iterations(dense_exp) == 20
+        start = osp.join(dense_exp, 'export', 'net_g_dense.pth')
+        dense_state = torch.load(start, weights_only=True)['params']
+        from basicsr.archs import build_network
+        net = build_network(dict(yaml.safe_load(open(path))['network_g']))
+        net.load_state_dict(dense_state)   # the dense network, all of it
+        with open(osp.join(out, 'results.jsonl')) as f:
+            (r,) = [json.loads(line) for line in f]
+        assert r['cell'] == 'L1-norm-params0.5-s0' and r['pretrain_iterations'] == 20 and r['total_iter'] == 20
+        assert r['iterations'] == 20 and 'dense network trained 20 iterations' in r['start']
+        log = ''.join(open(p).read() for p in glob.glob(osp.join(ROOT, r['experiment'], 'train_*.log')))
+        assert f'weights from {osp.relpath(start, ROOT)}' in log
+        report = open(osp.join(out, 'report.md')).read()
+        assert 'start from a dense network trained from random initialisation for 20 iterations' in report
+    finally:
+        shutil.rmtree(osp.join(ROOT, 'results', 'compare', name), ignore_errors=True)
+        for folder in glob.glob(osp.join(ROOT, 'experiments', f'cmp_{name}_*')) + \
+                glob.glob(osp.join(ROOT, 'results', f'cmp_{name}_*')):
+            shutil.rmtree(folder, ignore_errors=True)

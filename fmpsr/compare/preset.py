@@ -18,12 +18,23 @@ A preset is one backbone, one data set, one training length, test sets, budgets,
       FMP: {weight_share: 0.2, pruning: {lambda_c: 0.5, ...}}
       DHP: {pruning: {...}}
       SRP: {pruning: {...}, train: {sparsity_opt: {...}}}   # train keys merged into the cells' train
+    pretrain:                       # optional: a dense network per seed that the "pretrained" methods start from
+      iterations: 400               # its training iterations, charged to those methods (their cells train
+                                    # total_iter - iterations after it)
+      methods: [SRP, ASSL, L1-norm] # default: the preset's methods that prune a pretrained network in their papers
+      train: {...}                  # overrides of ``train`` (default: ``scratch.train``, else ``train``)
     scratch:                        # baselines trained from scratch (PrunedSRModel, random init)
       reference: [FMP]              # whose result each baseline copies / matches, per budget and seed
       baselines: [same_widths, uniform_params, uniform_macs]
       tolerance: 0.02
       match: nonzero                # the reference's kept (nonzero) counts, or 'dense'
       train: {optim_g: ..., scheduler: ...}   # overrides of ``train`` for the scratch cells
+
+With ``pretrain``, one dense cell per seed (``pretrain-dense-s<seed>``: the dense ``network_g`` trained from
+random initialisation like a scratch baseline, for ``pretrain.iterations``) runs first; the named methods'
+cells of that seed start from it (``path.pretrain_network_g``: its ``export/net_g_dense.pth``) and train
+``train.total_iter - pretrain.iterations`` iterations, so that every cell, its dense start included, has
+spent the same ``train.total_iter`` iterations (the charged track; the report says so per cell).
 
 Every cell (method x budget x seed, and each baseline of each reference cell) is an ordinary fmpsr run:
 its option file is written to ``results/compare/<name>/options/<cell>.yml``, its experiment is
@@ -41,7 +52,9 @@ from .methods import BudgetContext, BudgetUnreachable, method_entry
 
 BASELINES = ('same_widths', 'uniform_params', 'uniform_macs')
 REQUIRED = ('scale', 'network_g', 'budget', 'datasets', 'train', 'methods')
-KNOWN = REQUIRED + ('name', 'num_gpu', 'macs_input_size', 'seeds', 'jobs', 'metrics', 'logger', 'scratch')
+KNOWN = REQUIRED + ('name', 'num_gpu', 'macs_input_size', 'seeds', 'jobs', 'metrics', 'logger', 'scratch',
+                    'pretrain')
+PRETRAIN = 'pretrain-dense'
 NAME_RE = re.compile(r'^[A-Za-z0-9_.+-]+$')
 
 
@@ -59,7 +72,8 @@ class Cell:
         target (float): the budget's kept fraction.
         seed (int): ``manual_seed``.
         options (dict): the training option file (BasicSR ``train.py``).
-        baseline (str | None): for scratch cells, one of :data:`BASELINES`.
+        baseline (str | None): for scratch cells, one of :data:`BASELINES`; ``'dense'`` for the dense
+            pretraining cells of ``pretrain``.
         reference (str | None): for scratch cells, the cell whose result the baseline copies / matches.
         match (dict): for scratch cells, what was matched (target count, error, within).
     """
@@ -75,6 +89,10 @@ class Cell:
     @property
     def is_scratch(self):
         return self.baseline is not None
+
+    @property
+    def is_pretrain(self):
+        return self.baseline == 'dense'
 
     @property
     def label(self):
@@ -138,6 +156,7 @@ class Preset:
         self._check_datasets()
         self._check_methods()
         self._check_scratch()
+        self._check_pretrain()
         self.out_dir = os.path.join(root, 'results', 'compare', self.name)
         self._backbone = None
         self.unreachable = []
@@ -242,6 +261,37 @@ class Preset:
         self.scratch = {'reference': refs, 'baselines': kinds, 'tolerance': float(tol), 'match': match,
                         'train': train}
 
+    def _check_pretrain(self):
+        from .methods import PRETRAINED_IN_PAPER
+        pretrain = self.opt.get('pretrain')
+        self.pretrain = None
+        if not pretrain:
+            return
+        if not isinstance(pretrain, dict):
+            _fail(self.path, 'pretrain must be a mapping {iterations, methods, train}')
+        unknown = sorted(set(pretrain) - {'iterations', 'methods', 'train'})
+        if unknown:
+            _fail(self.path, f'pretrain: unknown key(s) {unknown} (known: iterations, methods, train)')
+        iters = pretrain.get('iterations')
+        if not isinstance(iters, int) or isinstance(iters, bool) or not 0 < iters < self.total_iter:
+            _fail(self.path, f'pretrain.iterations must be an integer in [1, train.total_iter = {self.total_iter}), '
+                             f'got {iters!r}')
+        methods = pretrain.get('methods', [m for m in self.methods if m in PRETRAINED_IN_PAPER])
+        methods = [methods] if isinstance(methods, str) else list(methods or [])
+        bad = [m for m in methods if m not in self.methods]
+        if bad or not methods:
+            _fail(self.path, f'pretrain.methods: {bad or methods!r} must name methods of the preset {list(self.methods)}')
+        dense_start = [m for m in methods if self.methods[m][0].model_type in ('FMPModel', 'DHPModel')]
+        if dense_start:
+            _fail(self.path, f'pretrain.methods: {dense_start} search from scratch through a hypernetwork and cannot '
+                             'start from a dense network')
+        train = pretrain.get('train')
+        if train is not None and not isinstance(train, dict):
+            _fail(self.path, 'pretrain.train must be a mapping of train keys (optim_g, scheduler, ...)')
+        if 'total_iter' in (train or {}):
+            _fail(self.path, 'pretrain.train.total_iter: set pretrain.iterations instead')
+        self.pretrain = {'iterations': iters, 'methods': methods, 'train': train}
+
     # ---- cells ----
     @property
     def backbone(self):
@@ -305,12 +355,42 @@ class Preset:
                 pruning.setdefault('macs_input_size', list(self.macs_input_size))
                 pruning = {'type': entry.pruning_type, **pruning, **budget_keys}
                 train = dict(copy.deepcopy(self.opt['train']), **copy.deepcopy(settings.get('train') or {}))
+                pretrained = self.pretrain is not None and method in self.pretrain['methods']
+                if pretrained:
+                    train['total_iter'] = self.total_iter - self.pretrain['iterations']
                 for seed in self.seeds:
                     name = self.cell_name(method, target, seed)
                     opt = self.base_options(name, entry.model_type, seed, self.opt['network_g'], train)
                     opt['pruning'] = pruning
+                    if pretrained:
+                        opt['path']['pretrain_network_g'] = self.dense_start_path(seed)
                     cells.append(Cell(name, method, target, seed, opt))
         return cells
+
+    def pretrain_cells(self):
+        """The dense cells of ``pretrain`` (one per seed; none without ``pretrain``): ``PrunedSRModel`` on the
+        dense ``network_g`` from random initialisation for ``pretrain.iterations`` iterations, with
+        ``pretrain.train`` (default ``scratch.train``) over ``train`` like a scratch baseline."""
+        if self.pretrain is None:
+            return []
+        cells = []
+        for seed in self.seeds:
+            name = f'{PRETRAIN}-s{seed}'
+            train = copy.deepcopy(self.opt['train'])
+            train.pop('finetune', None)
+            overrides = self.pretrain['train'] if self.pretrain['train'] is not None else (self.scratch or {}).get('train')
+            train.update(copy.deepcopy(overrides or {}))
+            train['total_iter'] = self.pretrain['iterations']
+            opt = self.base_options(name, 'PrunedSRModel', seed, self.opt['network_g'], train)
+            cells.append(Cell(name, 'dense', 1.0, seed, opt, baseline='dense',
+                              match={'pretrain_for': list(self.pretrain['methods'])}))
+        return cells
+
+    def dense_start_path(self, seed):
+        """The checkpoint the pretrained methods' cells of ``seed`` start from (relative to the repository
+        root): the dense cell's weights as a plain BasicSR checkpoint ``{'params': state dict}``, which the
+        pruning models read as a network to prune (not as a compact network to fine-tune)."""
+        return os.path.join('experiments', self.experiment_name(f'{PRETRAIN}-s{seed}'), 'export', 'net_g_dense.pth')
 
     def scratch_options(self, name, seed, network_g):
         """Options of a scratch baseline: ``PrunedSRModel`` on ``network_g`` from random initialisation, the

@@ -126,6 +126,9 @@ def cell_record(preset, cell, runner, original):
     if os.path.isfile(runner.timing_path(cell)):
         with open(runner.timing_path(cell)) as f:
             timing = json.load(f)
+    cell_total = cell.options['train']['total_iter']
+    start_path = (cell.options.get('path') or {}).get('pretrain_network_g')
+    pretrain_iters = preset.total_iter - cell_total if start_path and preset.pretrain else 0
     record = OrderedDict(
         cell=cell.name, method=cell.label, kind='scratch' if cell.is_scratch else 'method',
         model_type=cell.options['model_type'], baseline=cell.baseline, reference=cell.reference, seed=cell.seed,
@@ -136,11 +139,13 @@ def cell_record(preset, cell, runner, original):
         original={'params': original['params_dense'], 'macs': original['macs_dense']},
         macs_input_size=list(preset.macs_input_size),
         test={name: {k: float(v) for k, v in metrics[name].items()} for name in preset.test_sets},
-        iterations=trained_iterations(runner.exp_dir(cell)), total_iter=preset.total_iter,
+        iterations=trained_iterations(runner.exp_dir(cell)), total_iter=cell_total,
+        pretrain_iterations=pretrain_iters,
         prune_iterations=pruning.get('switch_iter'),
-        schedule=finetune_schedule(cell, preset.total_iter, pruning.get('switch_iter')),
-        start='random initialisation' if not (cell.options.get('path') or {}).get('pretrain_network_g')
-        else cell.options['path']['pretrain_network_g'],
+        schedule=finetune_schedule(cell, cell_total, pruning.get('switch_iter')),
+        start='random initialisation' if not start_path
+        else (f'dense network trained {pretrain_iters} iterations ({start_path}); charged: this cell trains '
+              f'{cell_total}, {pretrain_iters + cell_total} in all' if pretrain_iters else start_path),
         converged=(pruning.get('ratios') or {}).get('converged'),
         search=pruning.get('search'),
         wall_time_s={k: round(v, 1) for k, v in timing.items()} or None,
@@ -314,6 +319,17 @@ def start_line(preset):
     """The report line that says what every cell starts from."""
     from .methods import PRETRAINED_IN_PAPER
     named = [m for m in preset.methods if m in PRETRAINED_IN_PAPER]
+    if preset.pretrain:
+        p = preset.pretrain
+        others = [m for m in preset.methods if m not in p['methods']]
+        text = (f'- {", ".join(p["methods"])} start from a dense network trained from random initialisation for '
+                f'{p["iterations"]} iterations (one per seed, the scratch schedule over those iterations), then '
+                f'train {preset.total_iter - p["iterations"]}: the dense training is charged to their budget of '
+                f'{preset.total_iter} iterations.')
+        if others:
+            text += (f' {", ".join(others)} and the scratch baselines start from random weights and train all '
+                     f'{preset.total_iter}.')
+        return text
     text = ('- Every cell starts from a random initialisation (`path.pretrain_network_g` is null): no dense '
             'network is trained first, and the budget of iterations is the same for all.')
     if named:

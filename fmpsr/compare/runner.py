@@ -119,6 +119,8 @@ class Runner:
         path = os.path.join(self.export_dir(cell), 'pruning.json')
         if not os.path.isfile(path) or not os.path.isfile(os.path.join(self.export_dir(cell), 'net_g.safetensors')):
             return False
+        if cell.is_pretrain and not os.path.isfile(os.path.join(self.root, self.preset.dense_start_path(cell.seed))):
+            return False
         return cell.is_scratch or _read_json(path).get('exported_at_iter') == -1
 
     def test_done(self, cell):
@@ -200,6 +202,7 @@ class Runner:
 
     def export_scratch(self, cell):
         """Export a scratch cell's final network like a pruning run's (safetensors, ``pruning.json``)."""
+        import torch
         from basicsr.archs import build_network
         from fmpsr.models.pruned_sr_model import load_checkpoint
         from fmpsr.pruning import PruneRatios, count, save_compact, trace_conv_specs
@@ -218,6 +221,10 @@ class Runner:
             'method': 'scratch', 'baseline': cell.baseline, 'reference': cell.reference, 'match': cell.match,
             'exported_at_iter': -1, 'network_g': network_g, 'original_network_g': self.preset.opt['network_g'],
             'ratios': ratios, 'files': paths})
+        if cell.is_pretrain:  # the start of the pretrained methods: a plain BasicSR checkpoint (no network_g)
+            state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            atomic_write(os.path.join(self.root, self.preset.dense_start_path(cell.seed)),
+                         lambda p: torch.save({'params': state}, p))
 
     # ---- scratch baselines ----
     def scratch_cells(self, reference):
@@ -332,11 +339,17 @@ class Runner:
         from .report import write_report
 
         method_cells = self.preset.method_cells()
-        self.preset.check_cell_options(method_cells)
+        pretrain = self.preset.pretrain_cells()
+        self.preset.check_cell_options(pretrain + method_cells)
         done = sum(self.finished(c) for c in method_cells)
         self.log(f'[compare] {self.preset.name}: {len(method_cells)} method cells ({done} finished), '
                  f'{self.jobs} at a time; outputs in {os.path.relpath(self.out_dir, self.root)}')
-        failures = self._run_all(method_cells)
+        failures = []
+        if pretrain:  # the dense starts first: the pretrained methods' cells load them
+            self.log(f'[compare] {len(pretrain)} dense pretraining cell(s) of {self.preset.pretrain["iterations"]} '
+                     f'iterations for {", ".join(self.preset.pretrain["methods"])}')
+            failures += self._run_all(pretrain)
+        failures += self._run_all(method_cells)
         cells = list(method_cells)
         if self.preset.scratch:
             refs = [c for c in method_cells if c.method in self.preset.scratch['reference'] and self.finished(c)]

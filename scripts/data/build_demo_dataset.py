@@ -10,6 +10,9 @@ both splits.) Layout, for scale S::
     OUT/train/HR_sub/<name>_sNNN.png             HR sub-images, crop-size px every step px
     OUT/train/LR_bicubic_sub/XS/<name>_sNNN.png  aligned LR sub-images, crop-size / S every step / S
     OUT/val/HR/<name>.png, OUT/val/LR_bicubic/XS/<name>.png   full mod-cropped HR and its LR
+    OUT/holdout/HR/<name>.png, OUT/holdout/LR_bicubic/XS/<name>.png   held-out evaluation set: the two
+                                                 validation photographs and six grey photographs of
+                                                 skimage.data (brick, camera, coins, grass, gravel, moon)
     OUT/README.txt                               what is where, which image is in which split
 
 The LR images are made from the full HR (``generate_bicubic_lr.py``) and both are then cut into
@@ -37,10 +40,14 @@ TRAIN_IMAGES = {  # output name -> file in the skimage.data folder
     'rocket': 'rocket.jpg',
 }
 VAL_IMAGES = {'chelsea': 'chelsea.png', 'coffee': 'coffee.png'}
+# Held-out evaluation (``OUT/holdout``): the validation photographs and the grey photographs of skimage.data
+# (read as 3-channel images, scored on Y like the others). No run trains on them, none is chosen on them.
+HOLDOUT_IMAGES = dict(VAL_IMAGES, brick='brick.png', camera='camera.png', coins='coins.png', grass='grass.png',
+                      gravel='gravel.png', moon='moon.png')
 
 
 def _settings(scale, crop_size, step):
-    return f'scale={scale} crop_size={crop_size} step={step}\n'
+    return f'scale={scale} crop_size={crop_size} step={step} holdout={len(HOLDOUT_IMAGES)}\n'
 
 
 def is_complete(output, scale, crop_size=192, step=96):
@@ -50,6 +57,17 @@ def is_complete(output, scale, crop_size=192, step=96):
         return False
     with open(marker) as f:
         return f.read() == _settings(scale, crop_size, step)
+
+
+def _older_build(output, scale):
+    """True if ``output`` is a complete build of an earlier version of this script (its marker file has no
+    ``holdout=``): generated data that a rebuild replaces, nothing of the user's."""
+    marker = osp.join(output, f'.complete_x{scale}')
+    if not osp.isfile(marker):
+        return False
+    with open(marker) as f:
+        text = f.read()
+    return text.startswith('scale=') and 'holdout=' not in text
 
 
 def _remove_stale_tmp(parent, prefix):
@@ -87,6 +105,8 @@ def _readme(scale, crop_size, step, n_sub):
          f'the aligned LR sub-images, {crop_size // scale}x{crop_size // scale} px, step {step // scale} px'),
         ('val/HR/<name>.png', 'full HR images, mod-cropped'),
         (f'val/LR_bicubic/X{scale}/<name>.png', 'their bicubic LR'),
+        ('holdout/HR/<name>.png', 'held-out evaluation: full HR images, mod-cropped'),
+        (f'holdout/LR_bicubic/X{scale}/<name>.png', 'their bicubic LR'),
     ]
     width = max(len(path) for path, _ in rows) + 2
     lines = [
@@ -98,6 +118,7 @@ def _readme(scale, crop_size, step, n_sub):
         '',
         'train: ' + ', '.join(f'{n} ({f})' for n, f in sorted(TRAIN_IMAGES.items())),
         'val:   ' + ', '.join(f'{n} ({f})' for n, f in sorted(VAL_IMAGES.items())),
+        'holdout: ' + ', '.join(f'{n} ({f})' for n, f in sorted(HOLDOUT_IMAGES.items())),
         'motorcycle_right is not used: it is a near-duplicate of motorcycle_left (train).',
     ]
     return '\n'.join(lines) + '\n'
@@ -112,7 +133,7 @@ def _build(root, scale, crop_size, step, workers):
     from generate_bicubic_lr import generate_bicubic_lr, list_images
 
     lr = f'LR_bicubic/X{scale}'
-    for split, names in (('train', TRAIN_IMAGES), ('val', VAL_IMAGES)):
+    for split, names in (('train', TRAIN_IMAGES), ('val', VAL_IMAGES), ('holdout', HOLDOUT_IMAGES)):
         generate_bicubic_lr(_source_paths(names), osp.join(root, split, lr), scale,
                             gt_dir=osp.join(root, split, 'HR'), workers=workers)
     train = osp.join(root, 'train')
@@ -123,6 +144,8 @@ def _build(root, scale, crop_size, step, workers):
     assert len(hr_sub) == n_sub and hr_sub == lr_sub, 'HR and LR sub-images do not pair up'
     stems = {split: {osp.splitext(n)[0] for n in os.listdir(osp.join(root, split, 'HR'))} for split in ('train', 'val')}
     assert stems['train'].isdisjoint(stems['val']), f'image in both splits: {stems["train"] & stems["val"]}'
+    holdout = {osp.splitext(n)[0] for n in os.listdir(osp.join(root, 'holdout', 'HR'))}
+    assert stems['train'].isdisjoint(holdout), f'training image held out: {stems["train"] & holdout}'
     with open(osp.join(root, 'README.txt'), 'w') as f:
         f.write(_readme(scale, crop_size, step, n_sub))
     return n_sub
@@ -149,12 +172,16 @@ def build_demo_dataset(output, scale=4, crop_size=192, step=96, workers=1, force
     for arg, value in (('crop_size', crop_size), ('step', step)):
         if value < scale or value % scale:
             raise ValueError(f'{arg} must be a positive multiple of the scale {scale}, got {value!r}')
-    assert set(TRAIN_IMAGES).isdisjoint(VAL_IMAGES) and set(TRAIN_IMAGES.values()).isdisjoint(VAL_IMAGES.values())
+    for other in (VAL_IMAGES, HOLDOUT_IMAGES):
+        assert set(TRAIN_IMAGES).isdisjoint(other) and set(TRAIN_IMAGES.values()).isdisjoint(other.values())
     output = osp.abspath(output)
     if is_complete(output, scale, crop_size, step):
         print(f'{output} already holds the complete demo data set ({_settings(scale, crop_size, step).strip()}); '
               'nothing to do')
         return False
+    if _older_build(output, scale) and not force:
+        print(f'{output} holds an earlier demo build (no held-out set): building it again')
+        force = True
     if osp.exists(output) and os.listdir(output) and not force:
         raise ValueError(f'{output!r} exists but is not a complete demo build with '
                          f'{_settings(scale, crop_size, step).strip()}; remove it or pass --force')
