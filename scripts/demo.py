@@ -11,10 +11,15 @@ Steps, each with BasicSR's own entry points:
    bundled with scikit-image, bicubic LR with BasicSR's MATLAB-like ``imresize`` (skipped if built);
 2. ``fmpsr/train.py -opt <opt>``: FMP from scratch until the pruning target is met, finalize into a
    compact LSRB, fine-tune in the same run; the compact network is exported as safetensors;
-3. ``fmpsr/test.py -opt <test-opt>``: PSNR / SSIM (Y channel, border = scale) of the exported network;
-4. bicubic upsampling of the same validation images, scored with the same BasicSR metrics;
-5. a table on stdout and ``experiments/<name>/summary.json`` (counts, ratios, PSNR / SSIM, the
-   export path and the ``network_g`` options that rebuild the compact network).
+3. ``fmpsr/test.py -opt <test-opt>``: PSNR / SSIM (Y channel, border = scale) of the exported network on
+   the validation photographs and on the held-out set (``datasets/demo/holdout``: 8 photographs no run
+   trains on);
+4. bicubic upsampling of the same images, scored with the same BasicSR metrics;
+5. the measured CPU time of the dense and the compact network at a 1280x720 output (PyTorch eager,
+   timed alternately), beside the MACs reduction;
+6. a table on stdout and ``experiments/<name>/demo_summary.json`` (counts, ratios, speed, PSNR / SSIM on the
+   validation and the held-out photographs with bicubic beside them, the export path and the
+   ``network_g`` options that rebuild the compact network).
 
 Params and MACs in the summary are counted on the exported network (conv weights and biases; MACs =
 nonzero weights x output pixels), independently of the numbers the model logged while pruning.
@@ -83,19 +88,37 @@ def network_counts(net, masks, lr_size):
 
 def bicubic_scores(val_opt, scale):
     """Mean PSNR / SSIM (Y, border = scale) of MATLAB-like bicubic upsampling of the val LR images."""
-    import cv2
-    import numpy as np
-    from basicsr.metrics import calculate_psnr, calculate_ssim
-    from basicsr.utils.matlab_functions import imresize
+    from fmpsr.summary import bicubic_psnr_ssim
+    return bicubic_psnr_ssim(val_opt, scale, root=ROOT)
 
-    psnr, ssim = [], []
-    for gt_path in sorted(glob.glob(osp.join(ROOT, val_opt['dataroot_gt'], '*.png'))):
-        lq_path = osp.join(ROOT, val_opt['dataroot_lq'], osp.basename(gt_path))
-        gt, lq = cv2.imread(gt_path), cv2.imread(lq_path)
-        sr = np.clip(np.round(imresize(lq.astype(np.float32) / 255., scale) * 255.), 0, 255)
-        psnr.append(calculate_psnr(sr, gt, crop_border=scale, test_y_channel=True))
-        ssim.append(calculate_ssim(sr, gt, crop_border=scale, test_y_channel=True))
-    return float(np.mean(psnr)), float(np.mean(ssim))
+
+def measure_speed(original, compact, lr_size, warmup=2, repeats=10):
+    """Measured CPU time of one forward pass of the dense ``original`` and of ``compact`` (PyTorch eager,
+    torch's default threads, batch 1, LR ``lr_size`` (H, W) pixels), timed alternately
+    (:func:`fmpsr.deploy.profiling.time_interleaved`) so that machine noise hits both alike.
+
+    The dense network has its initial (random) weights: the time of a conv does not depend on its values.
+
+    Returns:
+        dict: ``lr_size``, ``threads``, ``repeats``, ``dense_ms`` / ``compact_ms`` (median, milliseconds) and
+        ``speedup`` (dense / compact median time; > 1: the compact network is faster).
+    """
+    import torch
+    from fmpsr.deploy.profiling import time_interleaved
+
+    x = torch.rand(1, 3, *lr_size)
+    nets = {'dense': original.eval(), 'compact': compact.eval()}
+
+    def forward(net):
+        def run():
+            with torch.inference_mode():
+                net(x)
+        return run
+    times = time_interleaved({k: forward(n) for k, n in nets.items()}, 'cpu', warmup, repeats)
+    median = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    return {'lr_size': list(lr_size), 'threads': torch.get_num_threads(), 'repeats': repeats,
+            'dense_ms': round(median['dense'], 2), 'compact_ms': round(median['compact'], 2),
+            'speedup': round(median['dense'] / median['compact'], 3)}
 
 
 def main(argv=None):
@@ -136,28 +159,32 @@ def main(argv=None):
 
     with open(osp.join(ROOT, 'results', test_opt['name'], 'metrics.json')) as f:
         metrics = json.load(f)
-    val_name, val_opt = next(iter(test_opt['datasets'].items()))
-    compact_scores = metrics[val_opt['name']]
-    bicubic_psnr, bicubic_ssim = bicubic_scores(val_opt, scale)
-    beats = compact_scores['psnr'] > bicubic_psnr
+    scores = {}
+    for ds in test_opt['datasets'].values():   # validation first, then the held-out photographs
+        bicubic_psnr, bicubic_ssim = bicubic_scores(ds, scale)
+        scores[ds['name']] = {'compact': {'psnr': metrics[ds['name']]['psnr'], 'ssim': metrics[ds['name']]['ssim']},
+                              'bicubic': {'psnr': bicubic_psnr, 'ssim': bicubic_ssim},
+                              'images': len(glob.glob(osp.join(ROOT, ds['dataroot_gt'], '*.png')))}
+    val_name = next(iter(scores))
+    beats = scores[val_name]['compact']['psnr'] > scores[val_name]['bicubic']['psnr']
+    speed = measure_speed(original, compact, sizes['hr_1280x720'])
     summary = {
         'name': name, 'scale': scale, 'criterion': pruning['pruning']['criterion'],
         'metric': pruning['pruning']['metric'],
         'targets': {'gamma_c': pruning['pruning']['gamma_c'], 'gamma_w': pruning['pruning']['gamma_w']},
         'pruning_ended_at_iter': pruning['switch_iter'], 'converged': pruning['ratios'].get('converged'),
         'counts': counts, 'ratios': ratios, 'ratios_logged_by_model': pruning['ratios'],
-        'validation': {'dataset': val_opt['name'],
-                       'compact': {'psnr': compact_scores['psnr'], 'ssim': compact_scores['ssim']},
-                       'bicubic': {'psnr': bicubic_psnr, 'ssim': bicubic_ssim},
-                       'compact_beats_bicubic': bool(beats)},
+        'validation': dict(scores[val_name], dataset=val_name, compact_beats_bicubic=bool(beats)),
+        'test_sets': scores,
+        'speed': speed,
         'export': {'weights': osp.relpath(osp.join(export_dir, 'net_g.safetensors'), ROOT),
                    'weight_masks': osp.relpath(osp.join(export_dir, 'weight_masks.safetensors'), ROOT),
                    'network_g': network_opt},
         'timings_s': dict(timings, total_s=time.time() - started),
     }
-    path = osp.join(ROOT, 'experiments', name, 'summary.json')
-    with open(path, 'w') as f:
-        json.dump(summary, f, indent=2)
+    from fmpsr.pruning.export import write_json
+    path = osp.join(ROOT, 'experiments', name, 'demo_summary.json')
+    write_json(path, summary)
     print(format_table(summary))
     print(f'\nsummary: {osp.relpath(path, ROOT)}')
     if not beats:
@@ -183,9 +210,15 @@ def format_table(s):
     lines.append(f"{'ratios':<20}{'params':>18}  flops (MACs)")
     for key in ('channel_ratio', 'weight_ratio', 'total_ratio'):
         lines.append(f"{key:<20}{s['ratios']['params'][key]:>18.4f}  {s['ratios']['flops'][key]:.4f}")
-    lines.append(f"{'validation ' + v['dataset']:<20}{'PSNR (Y)':>18}  SSIM (Y)")
-    lines.append(f"{'compact network':<20}{v['compact']['psnr']:>18.2f}  {v['compact']['ssim']:.4f}")
-    lines.append(f"{'bicubic':<20}{v['bicubic']['psnr']:>18.2f}  {v['bicubic']['ssim']:.4f}")
+    sp = s['speed']
+    lines.append(f"{'CPU time @ HR 1280x720':<20}{sp['dense_ms']:>15.1f} ms  {sp['compact_ms']:.1f} ms")
+    lines.append(f"{'  speed-up':<20}{sp['speedup']:>17.2f}x  measured (eager, {sp['threads']} threads, median of "
+                 f"{sp['repeats']}); MACs {c['original']['macs'] / c['channel_pruned']['macs']:.2f}x fewer dense, "
+                 f"{c['original']['macs'] / c['pruned']['macs']:.2f}x fewer nonzero")
+    for name, t in s['test_sets'].items():
+        lines.append(f"{name + ' (' + str(t['images']) + ' images)':<20}{'PSNR (Y)':>18}  SSIM (Y)")
+        lines.append(f"{'  compact network':<20}{t['compact']['psnr']:>18.2f}  {t['compact']['ssim']:.4f}")
+        lines.append(f"{'  bicubic':<20}{t['bicubic']['psnr']:>18.2f}  {t['bicubic']['ssim']:.4f}")
     return '\n'.join(lines)
 
 
