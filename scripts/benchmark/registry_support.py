@@ -73,6 +73,13 @@ ARCHS = {
               'note': 'grouping auto (the hand grouping is the default)'}],
     'SRPNLite': [{'opt': dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2, upscale=2)}],
     'RLFN': [{'opt': dict(num_in_ch=3, num_out_ch=3, num_feat=16, num_block=2, esa_channels=8, upscale=4)}],
+    # spandrel's archs (fmpsr/archs/spandrel_arch.py), registered when spandrel is installed
+    'SpandrelCompact': [{'opt': dict(num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=4, upscale=4,
+                                     act_type='prelu'), 'note': "spandrel's SRVGGNetCompact"}],
+    'SpandrelESRGAN': [{'opt': dict(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4),
+                        'note': "spandrel's RRDBNet"}],
+    'SpandrelSPAN': [{'opt': dict(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=4),
+                      'note': "spandrel's SPAN (re-parameterised Conv3XC)"}],
     'CompactArch': "fmpsr's wrapper around a pruned network (what finalize builds), not an arch to prune",
     'BasicVSR': VIDEO, 'BasicVSRPlusPlus': VIDEO, 'IconVSR': VIDEO, 'EDVR': VIDEO, 'DUF': VIDEO,
     'TOFlow': VIDEO,
