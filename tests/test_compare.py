@@ -452,3 +452,18 @@ def test_pretrain_track_end_to_end(tmp_path, data):
         for folder in glob.glob(osp.join(ROOT, 'experiments', f'cmp_{name}_*')) + \
                 glob.glob(osp.join(ROOT, 'results', f'cmp_{name}_*')):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize('folder, hint', [
+    ('datasets/demo_x2/train/HR_sub', 'build_demo_dataset.py --output datasets/demo_x2 --scale 4'),
+    ('datasets/DF2K/HR_sub', "README's 'Prepare the data sets'")])
+def test_a_missing_data_folder_names_the_command_that_makes_it(tmp_path, data, folder, hint):
+    """The hint builds the folder the preset reads (tiny.yml reads datasets/demo_x2, and --output datasets/demo
+    would have been the x4 demo data); DF2K cannot be built by the demo builder."""
+    preset = yaml.safe_load(open(osp.join(ROOT, 'options', 'compare', 'cpu_demo.yml')))
+    preset['datasets']['train']['dataroot_gt'] = folder
+    path = tmp_path / 'p.yml'
+    path.write_text(yaml.safe_dump(preset))
+    with pytest.raises(PresetError) as e:
+        Preset(str(path), str(tmp_path))
+    assert f"datasets.train.dataroot_gt: '{folder}' does not exist" in str(e.value) and hint in str(e.value)

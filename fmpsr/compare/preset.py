@@ -58,6 +58,17 @@ PRETRAIN = 'pretrain-dense'
 NAME_RE = re.compile(r'^[A-Za-z0-9_.+-]+$')
 
 
+
+def _data_hint(folder, scale):
+    """How to make a missing data folder: the demo builder for a ``datasets/demo*`` folder (with that
+    folder as its output), else the README's data recipe (DF2K and the benchmark sets cannot be built here)."""
+    parts = os.path.normpath(folder).split(os.sep)
+    if len(parts) >= 2 and parts[0] == 'datasets' and parts[1].startswith('demo'):
+        return (f'build it with: python scripts/data/build_demo_dataset.py --output datasets/{parts[1]} '
+                f'--scale {scale}')
+    return "prepare it as in the README's 'Prepare the data sets' (e.g. DF2K, the benchmark sets)"
+
+
 class PresetError(ValueError):
     """A preset key is missing or wrong (the message names it and the file)."""
 
@@ -206,9 +217,7 @@ class Preset:
                     _fail(self.path, f'{where}.{key} is missing')
                 full = folder if os.path.isabs(folder) else os.path.join(self.root, folder)
                 if not os.path.exists(full):
-                    _fail(self.path, f'{where}.{key}: {folder!r} does not exist (build the data first, e.g. '
-                                     'python scripts/data/build_demo_dataset.py --output datasets/demo --scale '
-                                     f'{self.opt["scale"]})')
+                    _fail(self.path, f'{where}.{key}: {folder!r} does not exist ({_data_hint(folder, self.opt["scale"])})')
 
     def _check_methods(self):
         methods = self.opt['methods']
