@@ -377,9 +377,11 @@ def test_tiny_preset_end_to_end_recounted_and_not_rerun(tiny_run, capsys):
     # --report-only rewrites the same report from the files; --dry-run lists the method cells
     from fmpsr.compare.runner import main
     before = open(osp.join(out, 'results.jsonl')).read()
+    capsys.readouterr()
     assert main(['-opt', path, '--report-only']) == 0
     assert open(osp.join(out, 'results.jsonl')).read() == before
-    capsys.readouterr()
+    said = capsys.readouterr().out
+    assert f'report of {len(by_cell)} finished cell(s) of {len(by_cell)}: results/compare/{name}/report.md' in said
     assert main(['-opt', path, '--dry-run']) == 0
     listed = [line.split(':')[0] for line in capsys.readouterr().out.splitlines() if line.endswith('}')]
     assert sorted(listed) == sorted(c for c in by_cell if not c.startswith('scratch'))
@@ -467,3 +469,19 @@ def test_a_missing_data_folder_names_the_command_that_makes_it(tmp_path, data, f
     with pytest.raises(PresetError) as e:
         Preset(str(path), str(tmp_path))
     assert f"datasets.train.dataroot_gt: '{folder}' does not exist" in str(e.value) and hint in str(e.value)
+
+
+def test_dry_run_lists_the_dense_starts_the_method_cells_and_how_many_scratch_cells_follow(tmp_path, data, capsys):
+    """--dry-run lists every cell it can name before training (the scratch cells' widths come from FMP's
+    finished cells, so they are counted, not listed)."""
+    from fmpsr.compare.runner import main
+    preset_with_data(tmp_path, data, 'cpu_demo')
+    assert main(['-opt', str(tmp_path / 'cpu_demo.yml'), '--dry-run']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    dense = [line for line in lines if 'dense pretraining' in line]
+    assert [line.split(':')[0] for line in dense] == ['pretrain-dense-s0', 'pretrain-dense-s1', 'pretrain-dense-s2']
+    assert 'dense pretraining of 200 iterations (the start of SRP, ASSL, L1-norm)' in dense[0]
+    methods = [line for line in lines if line.endswith('}')]
+    assert len(methods) == 8 * 3 * 3   # 8 methods x 3 budgets x 3 seeds
+    assert lines[-1].startswith('and 27 scratch cells (same_widths, uniform_params, uniform_macs of each of the 9 '
+                                'cells of FMP)'), lines[-1]

@@ -404,13 +404,22 @@ def main(argv=None):
         preset = Preset(args.opt, ROOT)
         runner = Runner(preset, jobs=args.jobs, grace=args.grace)
         if args.dry_run:
-            cells = preset.method_cells()
-            preset.check_cell_options(cells)
+            pretrain, cells = preset.pretrain_cells(), preset.method_cells()
+            preset.check_cell_options(pretrain + cells)
+            for cell in pretrain:
+                print(f'{cell.name}: dense pretraining of {preset.pretrain["iterations"]} iterations '
+                      f'(the start of {", ".join(preset.pretrain["methods"])})')
             for cell in cells:
                 keys = {k: v for k, v in cell.options['pruning'].items() if k not in ('type', 'macs_input_size')}
                 print(f'{cell.name}: {cell.options["model_type"]} {keys}')
             for reason in preset.unreachable:
                 print(f'no cell: {reason}')
+            if preset.scratch:
+                refs = [c for c in cells if c.method in preset.scratch['reference']]
+                baselines = preset.scratch['baselines']
+                print(f'and {len(refs) * len(baselines)} scratch cells ({", ".join(baselines)} of each of the '
+                      f'{len(refs)} cells of {", ".join(preset.scratch["reference"])}), whose widths are known '
+                      'once those cells have finished')
             return 0
         if args.report_only:
             from .report import write_report
@@ -418,7 +427,10 @@ def main(argv=None):
             if preset.scratch:
                 cells += [c for ref in cells if ref.method in preset.scratch['reference'] and runner.finished(ref)
                           for c in runner.scratch_cells(ref)]
-            write_report(preset, [c for c in cells if runner.finished(c)], runner)
+            finished = [c for c in cells if runner.finished(c)]
+            write_report(preset, finished, runner)
+            print(f'[compare] report of {len(finished)} finished cell(s) of {len(cells)}: '
+                  f'{os.path.relpath(os.path.join(runner.out_dir, "report.md"), ROOT)}')
             return 0
         restore = _stop_on_signals(runner)
         try:
