@@ -99,12 +99,13 @@ def _refuse_unknown(section, where, known, what='', elsewhere=None):
         raise OptionKeyError(f'{name}: unknown option{what}{hint} (known: {shown})')
 
 
-def _for_model(table, model_cls):
-    """Union of ``table[name]`` over the MRO of ``model_cls`` plus its ``option_keys``; None if none applies."""
+def _for_model(table, model_cls, section):
+    """Union of ``table[name]`` over the MRO of ``model_cls`` plus its ``option_keys[section]`` ('top' or
+    'train'); None if no class of the MRO is in ``table`` (the section is then not checked)."""
     names = [klass.__name__ for klass in inspect.getmro(model_cls)]
     if not any(name in table for name in names):
         return None
-    keys = set()
+    keys = set((getattr(model_cls, 'option_keys', None) or {}).get(section, ()))
     for name in names:
         keys |= set(table.get(name, ()))
     return keys
@@ -179,9 +180,8 @@ def _check_scheduler(options, where):
 
 def _check_train(opt, train, model_cls):
     from basicsr.utils.registry import LOSS_REGISTRY
-    keys = _for_model(TRAIN_KEYS, model_cls)
+    keys = _for_model(TRAIN_KEYS, model_cls, 'train')
     if keys is not None:
-        keys |= set((getattr(model_cls, 'option_keys', None) or {}).get('train', ()))
         _refuse_unknown(train, 'train', keys)
     for key, value in train.items():
         if key in ('optim_g', 'optim_d'):
@@ -204,15 +204,8 @@ def _check_train(opt, train, model_cls):
 def _check_network(opt, key):
     from basicsr.utils.registry import ARCH_REGISTRY
     network = opt.get(key)
-    if network is None:
-        return
-    if not isinstance(network, dict) or 'type' not in network:
-        raise OptionKeyError(f'{key} must be a mapping with a type (an arch), got {network!r}')
-    arch = network['type']
-    if arch not in ARCH_REGISTRY:
-        known = [n for n, _ in ARCH_REGISTRY]
-        raise OptionKeyError(f'{key}.type: unknown arch {arch!r}{closest(arch, known)} (known: {sorted(known)})')
-    _check_arguments(network, ARCH_REGISTRY.get(arch).__init__, key, f'arch {arch}')
+    if network is not None:
+        _check_registered(network, key, ARCH_REGISTRY, 'arch')
 
 
 def _check_dataset(name, dataset, scale):
@@ -336,9 +329,8 @@ def check_option_keys(opt, model_cls):
             key or type, the closest known one.
     """
     from basicsr.utils.registry import METRIC_REGISTRY
-    top = _for_model(TOP_KEYS, model_cls)
+    top = _for_model(TOP_KEYS, model_cls, 'top')
     if top is not None:
-        top |= set((getattr(model_cls, 'option_keys', None) or {}).get('top', ()))
         sections = {'train': set().union(*TRAIN_KEYS.values()), 'val': VAL_KEYS, 'logger': LOGGER_KEYS,
                     'path': PATH_KEYS - _SET_IN_PATH}
         _refuse_unknown(opt, '', top, elsewhere=sections)

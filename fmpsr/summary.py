@@ -12,7 +12,8 @@ import json
 import os
 import os.path as osp
 
-__all__ = ['summarize_finished_run', 'bicubic_scores', 'bicubic_image', 'bicubic_psnr_ssim', 'run_summary', 'format_summary', 'write_run_summary']
+__all__ = ['summarize_finished_run', 'bicubic_scores', 'bicubic_image', 'bicubic_psnr_ssim', 'run_summary',
+           'format_summary', 'write_run_summary']
 
 
 def bicubic_image(lq, scale):

@@ -184,17 +184,22 @@ def write_options(path, name, data, model_type='FMPModel', total_iter=40, extra=
     return opt
 
 
-def build_model_in(tmp_path, data, name, **extra):
-    """An FMP model built in-process from ``write_options(..., extra=extra)`` with its experiment folder
-    at ``tmp_path / 'exp'`` (made), as ``basicsr.train`` would build it; seeded with 0."""
+def build_model_in(tmp_path, data, name, model_type='FMPModel', pruning=None, **extra):
+    """A model (FMP unless ``model_type``) built in-process from ``write_options(..., extra=extra)``, its
+    ``pruning`` section replaced by ``pruning`` when given, with its experiment folder at ``tmp_path / 'exp'``
+    (made), as ``basicsr.train`` would build it; seeded with 0."""
     import torch
     from basicsr.models import build_model
     path = tmp_path / 'opt.yml'
-    write_options(path, name, data, extra=extra)
+    write_options(path, name, data, model_type=model_type, extra=extra)
     with open(path) as f:
         opt = yaml.safe_load(f)
+    if pruning is not None:
+        opt['pruning'] = pruning
     exp = tmp_path / 'exp'
     opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=0, root_path=str(tmp_path), auto_resume=False)
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'], dataset['scale'] = phase, opt['scale']
     opt['path'].update(experiments_root=str(exp), models=str(exp / 'models'), training_states=str(exp / 'states'),
                        log=str(exp), visualization=str(exp / 'vis'))
     exp.mkdir(exist_ok=True)

@@ -478,6 +478,12 @@ def test_dry_run_lists_the_dense_starts_the_method_cells_and_how_many_scratch_ce
     preset_with_data(tmp_path, data, 'cpu_demo')
     assert main(['-opt', str(tmp_path / 'cpu_demo.yml'), '--dry-run']) == 0
     lines = capsys.readouterr().out.splitlines()
+    # --report-only with nothing finished writes nothing (an earlier report is not replaced by an empty one)
+    out_dir = osp.join(ROOT, 'results', 'compare', 'eq_cpu_demo')
+    existed = osp.exists(out_dir)
+    assert main(['-opt', str(tmp_path / 'cpu_demo.yml'), '--report-only']) == 0
+    assert 'no finished cell of 72 under experiments/; nothing written' in capsys.readouterr().out
+    assert osp.exists(out_dir) == existed
     dense = [line for line in lines if 'dense pretraining' in line]
     assert [line.split(':')[0] for line in dense] == ['pretrain-dense-s0', 'pretrain-dense-s1', 'pretrain-dense-s2']
     assert 'dense pretraining of 200 iterations (the start of SRP, ASSL, L1-norm)' in dense[0]

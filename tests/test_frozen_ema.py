@@ -10,18 +10,18 @@ import os.path as osp
 import sys
 
 import torch
-from conftest import write_options
+from conftest import build_model_in
 from safetensors.torch import load_file
 
 import fmpsr  # noqa: F401
 from basicsr.archs import build_network
-from basicsr.models import build_model
 from fmpsr.pruning import plain_state_dict
 
 sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'examples', 'my_arch'))
 import my_fsrcnn_arch  # noqa: E402,F401  (registers MyFSRCNN, the user's arch with frozen convs)
 
 ARCH = dict(type='MyFSRCNN', d=12, s=6, m=2, upscale=2)
+L1_PRUNING = {'ratio': 0.5, 'mode': 'aligned', 'metric': 'params', 'macs_input_size': [16, 16]}
 FROZEN = ('sub_mean.weight', 'sub_mean.bias', 'add_mean.weight', 'add_mean.bias')
 
 
@@ -39,18 +39,11 @@ def pretrained(path):
 
 
 def l1norm_model(tmp_path, data, checkpoint):
-    exp = tmp_path / 'exp'
-    opt = write_options(tmp_path / 'opt.yml', 'pytest_frozen_ema', data, model_type='L1NormModel', extra={
-        'network_g': dict(ARCH), 'train.ema_decay': 0.999, 'path.pretrain_network_g': str(checkpoint)})
-    opt['pruning'] = {'ratio': 0.5, 'mode': 'aligned', 'metric': 'params', 'macs_input_size': [16, 16]}
-    opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=0, root_path=str(tmp_path),
-               auto_resume=False)
-    for phase, dataset in opt['datasets'].items():
-        dataset['phase'], dataset['scale'] = phase, opt['scale']
-    opt['path'].update(experiments_root=str(exp), models=str(exp / 'models'),
-                       training_states=str(exp / 'training_states'), log=str(exp), visualization=str(exp / 'vis'))
-    torch.manual_seed(0)
-    return build_model(opt), exp
+    """L1-norm on MyFSRCNN from ``checkpoint`` with an EMA (decay 0.999), built in-process."""
+    model = build_model_in(tmp_path, data, 'pytest_frozen_ema', model_type='L1NormModel', pruning=L1_PRUNING,
+                           **{'network_g': dict(ARCH), 'train.ema_decay': 0.999,
+                              'path.pretrain_network_g': str(checkpoint)})
+    return model, tmp_path / 'exp'
 
 
 def test_ema_leaves_frozen_parameters_bit_identical_through_pruning_finetuning_and_export(tmp_path, data):

@@ -10,13 +10,12 @@ import pickle
 
 import pytest
 import torch
-from conftest import write_options
+from conftest import build_model_in
 from safetensors.torch import save_file
 from test_frozen_transposed import F64, l1_masks, masked_copy, srp_masks
 
 import fmpsr  # noqa: F401
 from basicsr.archs import build_network
-from basicsr.models import build_model
 from fmpsr.archs.spandrel_arch import SpandrelModelError, load_spandrel_model, main
 from fmpsr.pruning import auto_grouping, finalize_plain, load_compact, plain_state_dict, save_compact
 from spandrel.architectures.Compact import Compact
@@ -113,17 +112,9 @@ def test_l1norm_run_starts_from_the_file_weights_and_exports(tmp_path, data, cap
     with pytest.raises(SystemExit):  # an existing output is kept
         main([path, '-o', str(checkpoint)])
     exp = tmp_path / 'exp'
-    opt = write_options(tmp_path / 'opt.yml', 'pytest_spandrel', data, model_type='L1NormModel', extra={
-        'network_g': printed['network_g'], 'path.pretrain_network_g': str(checkpoint)})
-    opt['pruning'] = {'ratio': 0.5, 'mode': 'aligned', 'metric': 'params', 'macs_input_size': [16, 16]}
-    opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=0, root_path=str(tmp_path),
-               auto_resume=False)
-    for phase, dataset in opt['datasets'].items():
-        dataset['phase'], dataset['scale'] = phase, opt['scale']
-    opt['path'].update(experiments_root=str(exp), models=str(exp / 'models'),
-                       training_states=str(exp / 'training_states'), log=str(exp), visualization=str(exp / 'vis'))
-    torch.manual_seed(0)
-    model = build_model(opt)
+    model = build_model_in(tmp_path, data, 'pytest_spandrel', model_type='L1NormModel',
+                           pruning={'ratio': 0.5, 'mode': 'aligned', 'metric': 'params', 'macs_input_size': [16, 16]},
+                           **{'network_g': printed['network_g'], 'path.pretrain_network_g': str(checkpoint)})
     _, weights, _ = load_spandrel_model(path)
     dense = plain_state_dict(model.get_bare_model(model.net_g))
     assert all(torch.equal(dense[k], v) for k, v in weights.items())  # the pretrained starting point

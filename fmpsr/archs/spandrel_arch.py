@@ -107,8 +107,7 @@ def load_spandrel_model(path, max_bytes=MAX_FILE_BYTES):
     """
     if _Compact is None:
         raise ImportError('spandrel is not installed; pip install spandrel')
-    from spandrel import ModelLoader, UnsupportedModelError
-    from spandrel.__helpers.canonicalize import canonicalize_state_dict
+    from spandrel import ModelLoader, UnsupportedModelError, canonicalize_state_dict
 
     from fmpsr.compat import safe_torch_load
     from fmpsr.pruning.export import load_state

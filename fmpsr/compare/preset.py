@@ -58,7 +58,6 @@ PRETRAIN = 'pretrain-dense'
 NAME_RE = re.compile(r'^[A-Za-z0-9_.+-]+$')
 
 
-
 def _data_hint(folder, scale):
     """How to make a missing data folder: the demo builder for a ``datasets/demo*`` folder (with that
     folder as its output), else the README's data recipe (DF2K and the benchmark sets cannot be built here)."""
@@ -217,7 +216,8 @@ class Preset:
                     _fail(self.path, f'{where}.{key} is missing')
                 full = folder if os.path.isabs(folder) else os.path.join(self.root, folder)
                 if not os.path.exists(full):
-                    _fail(self.path, f'{where}.{key}: {folder!r} does not exist ({_data_hint(folder, self.opt["scale"])})')
+                    hint = _data_hint(folder, self.opt['scale'])
+                    _fail(self.path, f'{where}.{key}: {folder!r} does not exist ({hint})')
 
     def _check_methods(self):
         methods = self.opt['methods']
@@ -289,7 +289,8 @@ class Preset:
         methods = [methods] if isinstance(methods, str) else list(methods or [])
         bad = [m for m in methods if m not in self.methods]
         if bad or not methods:
-            _fail(self.path, f'pretrain.methods: {bad or methods!r} must name methods of the preset {list(self.methods)}')
+            _fail(self.path, f'pretrain.methods: {bad or methods!r} must name methods of the preset '
+                             f'{list(self.methods)}')
         dense_start = [m for m in methods if self.methods[m][0].model_type in ('FMPModel', 'DHPModel')]
         if dense_start:
             _fail(self.path, f'pretrain.methods: {dense_start} search from scratch through a hypernetwork and cannot '
@@ -387,7 +388,9 @@ class Preset:
             name = f'{PRETRAIN}-s{seed}'
             train = copy.deepcopy(self.opt['train'])
             train.pop('finetune', None)
-            overrides = self.pretrain['train'] if self.pretrain['train'] is not None else (self.scratch or {}).get('train')
+            overrides = self.pretrain['train']
+            if overrides is None:
+                overrides = (self.scratch or {}).get('train')
             train.update(copy.deepcopy(overrides or {}))
             train['total_iter'] = self.pretrain['iterations']
             opt = self.base_options(name, 'PrunedSRModel', seed, self.opt['network_g'], train)

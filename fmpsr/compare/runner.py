@@ -428,6 +428,9 @@ def main(argv=None):
                 cells += [c for ref in cells if ref.method in preset.scratch['reference'] and runner.finished(ref)
                           for c in runner.scratch_cells(ref)]
             finished = [c for c in cells if runner.finished(c)]
+            if not finished:  # an earlier report (of experiments since moved or removed) is kept
+                print(f'[compare] no finished cell of {len(cells)} under experiments/; nothing written')
+                return 0
             write_report(preset, finished, runner)
             print(f'[compare] report of {len(finished)} finished cell(s) of {len(cells)}: '
                   f'{os.path.relpath(os.path.join(runner.out_dir, "report.md"), ROOT)}')
